@@ -1,0 +1,136 @@
+"""How far a device's output is from the reference, and whether that is acceptable.
+
+One implementation of the statistics and the verdict for every caller: `inference.py --compare`
+and `evaluation/eval_precision.py`.
+
+Rules (Ascend msprobe's compare rules, applied per head to the raw logits):
+  FAIL when the output holds NaN or Inf; when cosine < 0.9; when max abs error > 1; or when
+  cosine < 0.99 and max abs error > 1e-3 at the same time.
+For float16 and bfloat16 one more rule, chosen here because an absolute bound means nothing
+for a 16-bit format whose error grows with the size of the logits:
+  FAIL when max abs error > 4 u * max|reference|, with u the format's unit roundoff
+  (2^-11 for float16, 2^-8 for bfloat16): more than four roundings at the head's largest logit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from model import HEADS, decode
+
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+ROUNDINGS_ALLOWED = 4
+RULES = {
+    "msprobe": "FAIL if NaN/Inf, cosine < 0.9, max abs > 1, or (cosine < 0.99 and max abs > 1e-3)",
+    "low_precision": "float16/bfloat16 also FAIL if max abs > 4 u max|ref| (u = 2^-11 float16, 2^-8 bfloat16)",
+}
+
+
+def head_stats(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    """Deviation of one head's logits (N x classes) from the reference, in float64."""
+    r = ref.detach().double().cpu()
+    o = out.detach().double().cpu()
+    nonfinite = int((~torch.isfinite(o)).sum())
+    d = (o - r).abs()
+    flat = d.flatten().numpy()
+    if nonfinite:
+        flat = np.where(np.isfinite(flat), flat, np.inf)
+    worst = int(np.argmax(flat))
+    nonzero = r.abs() > 0
+    rel = (d[nonzero] / r.abs()[nonzero]) if nonzero.any() else torch.zeros(1, dtype=torch.float64)
+    norms = r.norm() * o.norm()
+    cosine = float((r.flatten() @ o.flatten()) / norms) if norms > 0 else (1.0 if torch.equal(r, o) else 0.0)
+    span = float(r.abs().max())
+    return {
+        "mean_abs": float(flat.mean()),
+        "median_abs": float(np.median(flat)),
+        "p99_abs": float(np.percentile(flat, 99)),
+        "max_abs": float(flat[worst]),
+        "max_rel": float(rel.max()),
+        "max_abs_over_range": float(flat[worst]) / span if span > 0 else float(flat[worst]),
+        "reference_range": span,
+        "cosine": cosine,
+        "argmax_agreement": float((o.argmax(dim=1) == r.argmax(dim=1)).double().mean()),
+        "nonfinite": nonfinite,
+        "worst_image": worst // r.shape[1],
+        "worst_class": worst % r.shape[1],
+    }
+
+
+def failed_rules(stats: dict, dtype: torch.dtype = torch.float32) -> list[str]:
+    """The rules a head's statistics break; empty means PASS."""
+    failed = []
+    if stats["nonfinite"] or not math.isfinite(stats["max_abs"]) or not math.isfinite(stats["cosine"]):
+        failed.append("NaN/Inf in the output")
+    if stats["cosine"] < 0.9:
+        failed.append("cosine < 0.9")
+    if stats["max_abs"] > 1:
+        failed.append("max abs > 1")
+    if stats["cosine"] < 0.99 and stats["max_abs"] > 1e-3:
+        failed.append("cosine < 0.99 and max abs > 1e-3")
+    u = UNIT_ROUNDOFF.get(dtype)
+    if u is not None and stats["max_abs_over_range"] > ROUNDINGS_ALLOWED * u:
+        failed.append(f"max abs > {ROUNDINGS_ALLOWED} u max|ref| ({ROUNDINGS_ALLOWED * u:.3g} of the range)")
+    return failed
+
+
+def compare(
+    ref: Sequence[torch.Tensor],
+    out: Sequence[torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    images: Sequence[str] | None = None,
+) -> dict:
+    """Per-head statistics and verdicts, whole-number agreement, the worst image, the verdict."""
+    n = ref[0].shape[0]
+    images = list(images) if images is not None else [f"#{i}" for i in range(n)]
+    heads = {}
+    for name, r, o in zip(HEADS, ref, out):
+        stats = head_stats(r, o)
+        stats["worst_image_name"] = images[stats["worst_image"]]
+        stats["failed"] = failed_rules(stats, dtype)
+        stats["verdict"] = "FAIL" if stats["failed"] else "PASS"
+        heads[name] = stats
+    ref_numbers = [x.number for x in decode(ref)]
+    out_numbers = [x.number for x in decode(out)]
+    differ = [images[i] for i in range(n) if ref_numbers[i] != out_numbers[i]]
+    per_image = torch.stack([(o.double() - r.double()).abs().amax(dim=1) for r, o in zip(ref, out)]).amax(dim=0)
+    per_image = torch.nan_to_num(per_image, nan=math.inf)
+    worst = int(per_image.argmax())
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "images": n,
+        "rules": RULES["msprobe"] + ("; " + RULES["low_precision"] if dtype in UNIT_ROUNDOFF else ""),
+        "heads": heads,
+        "whole_number_agreement": (n - len(differ)) / n if n else 1.0,
+        "numbers_differ": differ,
+        "worst_image": {"image": images[worst], "max_abs": float(per_image[worst])},
+        "max_abs": max(h["max_abs"] for h in heads.values()),
+        "verdict": "FAIL" if any(h["failed"] for h in heads.values()) else "PASS",
+    }
+
+
+def markdown(report: dict) -> str:
+    """The comparison as a Markdown table and a verdict line."""
+    lines = [
+        "| head | mean abs | median abs | p99 abs | max abs | max rel | cosine | argmax agree | worst (image, class) | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in report["heads"].items():
+        lines.append(
+            f"| {name} | {s['mean_abs']:.2e} | {s['median_abs']:.2e} | {s['p99_abs']:.2e} | {s['max_abs']:.2e} "
+            f"| {s['max_rel']:.2e} | {s['cosine']:.6f} | {100 * s['argmax_agreement']:.1f} % "
+            f"| {s['worst_image_name']}, {s['worst_class']} | {s['verdict']}{': ' + '; '.join(s['failed']) if s['failed'] else ''} |"
+        )
+    lines += [
+        "",
+        f"whole-number agreement: {100 * report['whole_number_agreement']:.1f} % of {report['images']} images"
+        + (f" (differ: {', '.join(report['numbers_differ'][:5])}{', ...' if len(report['numbers_differ']) > 5 else ''})" if report["numbers_differ"] else ""),
+        f"worst image: {report['worst_image']['image']} (max abs {report['worst_image']['max_abs']:.2e})",
+        f"rules: {report['rules']}",
+        f"verdict: {report['verdict']}",
+    ]
+    return "\n".join(lines)

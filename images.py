@@ -1,0 +1,255 @@
+"""Images in, network input out.
+
+Opening whatever image a user has (any mode, EXIF orientation, bad files reported in one line),
+the published preprocessing (bilinear resize to 64x64, centre crop 54x54, [-1, 1]), the SVHN
+evaluation crop around the digit boxes, and a loader that decodes ahead on background threads.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import struct
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+RESIZE = 64
+CROP = 54
+CROP_OFFSET = int(round((RESIZE - CROP) / 2.0))  # 5, as torchvision's CenterCrop computes it
+MEAN = STD = 0.5
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own bomb limit (about 89 megapixels)
+
+
+class ImageError(Exception):
+    """An input that cannot be read; str() is one line that names the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Opening
+# --------------------------------------------------------------------------------------------
+
+
+def open_image(source: str | os.PathLike | bytes | Image.Image, name: str | None = None) -> Image.Image:
+    """An RGB PIL image from a path, raw bytes or a PIL image, upright per its EXIF orientation."""
+    if isinstance(source, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(source))
+    name = name or ("<bytes>" if isinstance(source, (bytes, bytearray)) else str(source))
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise ImageError(f"{name}: empty file")
+            stream = io.BytesIO(source)
+        else:
+            path = Path(source)
+            if path.is_dir():
+                raise ImageError(f"{name}: is a folder, not an image")
+            if path.is_file() and path.stat().st_size == 0:
+                raise ImageError(f"{name}: empty file")
+            stream = path
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(
+            f"{name}: refused, more than {MAX_PIXELS:,} pixels (a possible decompression bomb)"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image, or a format Pillow cannot read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise ImageError(f"{name}: truncated or corrupt image ({_one_line(e)})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB the way the published demo's convert('RGB') does, except that 16-bit and float
+    grey images are scaled to 8 bits first (Pillow would clip them to white)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64)
+        if a.size and a.max() > 255:
+            a = a * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:160] if lines else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# The published preprocessing
+# --------------------------------------------------------------------------------------------
+
+
+def resize_and_crop(img: Image.Image, resample: int = Image.BILINEAR) -> np.ndarray:
+    """64x64 resize then the central 54x54, as uint8 H x W x 3 (torchvision's Resize([64, 64])
+    and CenterCrop([54, 54]) on a PIL image do exactly these two calls)."""
+    small = img.resize((RESIZE, RESIZE), resample)
+    box = (CROP_OFFSET, CROP_OFFSET, CROP_OFFSET + CROP, CROP_OFFSET + CROP)
+    return np.asarray(small.crop(box), dtype=np.uint8)
+
+
+def to_tensor(arrays: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 (N x) 54 x 54 x 3 to float32 (N x) 3 x 54 x 54 in [-1, 1].
+
+    The operations and their order are ToTensor's (to float, divide by 255) then Normalize's
+    (subtract the mean tensor, divide by the std tensor), so the result is the same to the bit.
+    """
+    a = np.ascontiguousarray(np.stack(arrays) if isinstance(arrays, (list, tuple)) else arrays)
+    t = torch.from_numpy(a)
+    t = t.permute(2, 0, 1) if t.dim() == 3 else t.permute(0, 3, 1, 2)
+    t = t.contiguous().to(torch.float32).div(255)
+    shape = (3, 1, 1) if t.dim() == 3 else (1, 3, 1, 1)
+    mean = torch.full(shape, MEAN, dtype=torch.float32)
+    std = torch.full(shape, STD, dtype=torch.float32)
+    return t.sub(mean).div(std)
+
+
+def preprocess(source: str | os.PathLike | bytes | Image.Image) -> torch.Tensor:
+    """The network's input (3 x 54 x 54, float32) for one image, as the published demo makes it."""
+    return to_tensor(resize_and_crop(open_image(source)))
+
+
+# --------------------------------------------------------------------------------------------
+# The SVHN evaluation crop (the published format-1 conversion)
+# --------------------------------------------------------------------------------------------
+
+
+def digit_crop_box(boxes: Iterable[Sequence[float]]) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the crop around the digit boxes [left, top, width, height].
+
+    Each box truncated to integers; their union; a square of side max(width, height) around
+    the union's centre; grown by 30 % (left = round(left - 0.15 side), side = round(1.3 side)).
+    Python's round() halves to even, as the published conversion script did.
+    """
+    boxes = [[int(v) for v in box] for box in boxes]
+    if not boxes:
+        raise ValueError("no digit boxes")
+    left = min(b[0] for b in boxes)
+    top = min(b[1] for b in boxes)
+    right = max(b[0] + b[2] for b in boxes)
+    bottom = max(b[1] + b[3] for b in boxes)
+    side = max(right - left, bottom - top)
+    square_left = (left + right) / 2.0 - side / 2.0
+    square_top = (top + bottom) / 2.0 - side / 2.0
+    crop_left = int(round(square_left - 0.15 * side))
+    crop_top = int(round(square_top - 0.15 * side))
+    crop_size = int(round(side * 1.3))
+    return crop_left, crop_top, crop_left + crop_size, crop_top + crop_size
+
+
+def digit_crop(img: Image.Image, boxes: Iterable[Sequence[float]]) -> np.ndarray:
+    """The network's 54x54 uint8 input for an image with digit boxes: crop (Pillow pads outside
+    the image with black), bicubic resize to 64x64 (Image.resize's default), centre crop."""
+    return resize_and_crop(img.crop(digit_crop_box(boxes)), Image.BICUBIC)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding inputs and loading them ahead
+# --------------------------------------------------------------------------------------------
+
+
+def expand_inputs(specs: Iterable[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders (their images, sorted, not recursive) and globs to a list of image paths,
+    plus one error line for each spec that gives nothing. A file named explicitly is always
+    tried, whatever its suffix; in a folder only image suffixes are taken."""
+    paths: list[Path] = []
+    errors: list[str] = []
+    for spec in specs:
+        if any(ch in spec for ch in "*?[") and not os.path.exists(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                errors.append(f"{spec}: no file matches this pattern")
+            for m in matches:
+                if os.path.isdir(m):
+                    found, errs = _images_in(Path(m))
+                    paths += found
+                    errors += errs
+                else:
+                    paths.append(Path(m))
+        elif os.path.isdir(spec):
+            found, errs = _images_in(Path(spec))
+            paths += found
+            errors += errs
+        else:
+            paths.append(Path(spec))  # missing files are reported when they are opened
+    return paths, errors
+
+
+def _images_in(folder: Path) -> tuple[list[Path], list[str]]:
+    try:
+        entries = sorted(folder.iterdir())
+    except PermissionError:
+        return [], [f"{folder}: folder cannot be read (permission denied)"]
+    except OSError as e:
+        return [], [f"{folder}: folder cannot be read ({_one_line(e)})"]
+    found = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
+    if not found:
+        return [], [f"{folder}: no images in this folder"]
+    return found, []
+
+
+def load_ahead(
+    items: Sequence, load: Callable[[object], np.ndarray], batch_size: int, workers: int = 2
+) -> Iterator[tuple[list, torch.Tensor | None, list[tuple[object, str]]]]:
+    """Yield (items loaded, their input tensor or None, [(item, error line)]) per batch.
+
+    load(item) returns a 54x54x3 uint8 array or raises ImageError. Decoding runs on `workers`
+    threads (Pillow releases the GIL) up to two batches ahead, so the device is not kept waiting.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque = deque()
+        it = iter(items)
+        window = 2 * batch_size + workers
+
+        def fill() -> None:
+            while len(pending) < window:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                pending.append((item, pool.submit(_try_load, load, item)))
+
+        fill()
+        while pending:
+            done, arrays, failed = [], [], []
+            while pending and len(done) + len(failed) < batch_size:
+                item, future = pending.popleft()
+                array, error = future.result()
+                if error is None:
+                    done.append(item)
+                    arrays.append(array)
+                else:
+                    failed.append((item, error))
+                fill()
+            yield done, (to_tensor(arrays) if arrays else None), failed
+
+
+def _try_load(load: Callable, item: object) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return load(item), None
+    except ImageError as e:
+        return None, str(e)
