@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,12 @@ ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "examples"
 EXIT_FAILED = 1  # an image failed, or a comparison said FAIL
 EXIT_USAGE = 2  # bad flags, no checkpoint, no such device
+
+
+def shown(path: Path) -> str:
+    """A path as a user would type it: relative to the working directory when inside it."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def error(message: str) -> None:
@@ -111,8 +118,11 @@ def write_json(path: str | Path, obj) -> None:
     text = json.dumps(plain(obj), indent=2)
     if str(path) == "-":
         print(text)
-    else:
+        return
+    try:
         Path(path).write_text(text + "\n")
+    except OSError as e:
+        die(f"{path}: cannot write ({e.strerror or e})", EXIT_FAILED)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

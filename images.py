@@ -109,7 +109,7 @@ def resize_and_crop(img: Image.Image, resample: int = Image.BILINEAR) -> np.ndar
     and CenterCrop([54, 54]) on a PIL image do exactly these two calls)."""
     small = img.resize((RESIZE, RESIZE), resample)
     box = (CROP_OFFSET, CROP_OFFSET, CROP_OFFSET + CROP, CROP_OFFSET + CROP)
-    return np.asarray(small.crop(box), dtype=np.uint8)
+    return np.array(small.crop(box), dtype=np.uint8)  # a writable copy, for torch.from_numpy
 
 
 def to_tensor(arrays: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
 import torch
 
 import cli
@@ -44,13 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_input(path) -> "numpy.ndarray":  # noqa: F821 - the loader's contract
+def load_input(path) -> np.ndarray:
     return resize_and_crop(open_image(path))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    paths, problems = expand_inputs(args.image or [str(cli.EXAMPLES)])
+    paths, problems = expand_inputs(args.image or [cli.shown(cli.EXAMPLES)])
     for line in problems:
         cli.error(line)
     model, checkpoint = cli.load_model_or_exit(args)

@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import socket
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,15 +186,21 @@ def load_state_dict(path: str | os.PathLike) -> dict:
         path = checkpoint_in_dir(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns before it refuses; the refusal says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e) or "weights_only" in str(e):
+        # weights_only=True refuses any pickled global (a class, a function such as os.system).
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
             raise CheckpointError(
-                f"{path}: refused, the file carries pickled Python objects or code, not only "
-                "tensors (it was loaded with weights_only=True); save model.state_dict() instead"
+                f"{path}: refused, it holds pickled Python code or objects ({found.group(1)}), not only tensors; "
+                "only plain state dicts are loaded (weights_only=True). Re-save it with torch.save(model.state_dict())"
             ) from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({_first_line(e)})") from None
     if isinstance(obj, dict):
@@ -236,8 +243,9 @@ def load_model(path: str | os.PathLike) -> SVHNModel:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message, for a one-line error."""
     text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+    return text[0].split(". ")[0][:200] if text else type(e).__name__
 
 
 def _some(keys: list[str], n: int = 3) -> str:
@@ -269,7 +277,8 @@ def modelscope_cache_dirs() -> list[Path]:
 
 def find_checkpoint(explicit: str | None = None, download: bool = True) -> Path:
     """--checkpoint, else $SVHN_CHECKPOINT, else ./checkpoints, else the ModelScope cache, else a
-    download with modelscope. Raises CheckpointError with the exact command to run when none."""
+    download with modelscope (not when SVHN_OFFLINE=1). Raises CheckpointError with the exact
+    command to run when there is none."""
     for given, what in ((explicit, "--checkpoint"), (os.environ.get("SVHN_CHECKPOINT"), "SVHN_CHECKPOINT")):
         if given:
             path = Path(given).expanduser()
@@ -283,7 +292,7 @@ def find_checkpoint(explicit: str | None = None, download: bool = True) -> Path:
                 return checkpoint_in_dir(folder)
             except CheckpointError:
                 continue
-    if download:
+    if download and os.environ.get("SVHN_OFFLINE", "") in ("", "0"):
         return _download()
     raise CheckpointError(f"no checkpoint found; download the published weights: {DOWNLOAD_HINT}")
 

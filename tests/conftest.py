@@ -1,0 +1,83 @@
+"""Shared fixtures: the stand-in checkpoint and sample photos (from the environment, as .ci/run
+sets them), a checkpoint of random weights made here, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import SVHNModel  # noqa: E402
+
+
+def _env_path(name: str, what: str) -> Path:
+    value = os.environ.get(name)
+    if not value:
+        pytest.skip(f"{name} is not set: no {what} here (CI points it at ../shared)")
+    path = Path(value)
+    if not path.exists():
+        pytest.skip(f"{name}={value} does not exist")
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> Path:
+    """The stand-in for the published checkpoint (a folder or a model-<step>.pth)."""
+    return _env_path("SVHN_CHECKPOINT", "checkpoint in the published format")
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    """Real photos with their true numbers and digit boxes (labels.json)."""
+    return _env_path("SVHN_SAMPLES", "labelled sample photos")
+
+
+@pytest.fixture(scope="session")
+def sample_labels(samples: Path) -> list[dict]:
+    return json.loads((samples / "labels.json").read_text())
+
+
+def random_model(seed: int = 0) -> SVHNModel:
+    """The network with random weights and non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = SVHNModel()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+                module.running_mean.uniform_(-0.3, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+                module.num_batches_tracked.fill_(1000)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> Path:
+    """A folder with one model-<step>.pth of random weights, in the published format."""
+    folder = tmp_path_factory.mktemp("random-checkpoint")
+    torch.save(random_model().state_dict(), folder / "model-7.pth")
+    return folder
+
+
+def run_cli(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts (a path relative to the repository) in a fresh Python,
+    as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, **kwargs,
+    )
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stdout, result.stdout
