@@ -68,12 +68,14 @@ def random_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
-def run_cli(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
+def run_cli(
+    script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, prefix: tuple = (), **kwargs
+) -> subprocess.CompletedProcess:
     """Run one of the project's scripts (a path relative to the repository) in a fresh Python,
-    as a user would."""
+    as a user would; `prefix` is a command that wraps it (setpriv, say)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
+        [*prefix, sys.executable, str(ROOT / script), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, **kwargs,
     )
 
