@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import device as dev
-from model import CheckpointError, SVHNModel, find_checkpoint, load_model
+from model import CheckpointError, Recognizer, SVHNModel, find_checkpoint, load_model
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "examples"
@@ -96,6 +96,14 @@ def setup_or_exit(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, 
     device = device_or_exit(args.device)
     mode = dev.set_fp32_mode(device, args.fp32_mode)
     return device, dev.DTYPES[args.dtype], mode
+
+
+def recognizer(args: argparse.Namespace, model: SVHNModel, device: torch.device, dtype: torch.dtype) -> Recognizer:
+    """The fast path as the device flags ask for it; its notes (graph mode fallbacks) on stderr."""
+    rec = Recognizer(model, device, dtype, fold=not args.no_fold, channels_last=args.channels_last, compile=args.compile)
+    for line in rec.notes:
+        note(line)
+    return rec
 
 
 def plain(obj):

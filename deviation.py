@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from model import HEADS, decode
+from model import HEADS, Recognizer, SVHNModel, decode
 
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 ROUNDINGS_ALLOWED = 4
@@ -134,3 +134,33 @@ def markdown(report: dict) -> str:
         f"verdict: {report['verdict']}",
     ]
     return "\n".join(lines)
+
+
+class Comparison:
+    """Runs every batch through the reference and a target, and reports how far apart they are.
+
+    The reference is the published module (BatchNorm not folded) on the CPU in IEEE fp32.
+    """
+
+    def __init__(self, model: SVHNModel, target: Recognizer) -> None:
+        self.reference = Recognizer(model, "cpu", torch.float32, fold=False, channels_last=False)
+        self.target = target
+        self.names: list[str] = []
+        self._ref: list[tuple[torch.Tensor, ...]] = []
+        self._out: list[tuple[torch.Tensor, ...]] = []
+
+    def add(self, batch: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
+        """Run one CPU batch on both; returns the target's logits."""
+        self._ref.append(self.reference.logits(batch))
+        self._out.append(self.target.logits(batch))
+        self.names += [str(n) for n in names]
+        return self._out[-1]
+
+    def report(self) -> dict:
+        heads = range(len(HEADS))
+        ref = [torch.cat([b[h] for b in self._ref]) for h in heads]
+        out = [torch.cat([b[h] for b in self._out]) for h in heads]
+        report = compare(ref, out, self.target.dtype, self.names)
+        report["reference"] = "cpu float32 IEEE, published module (BatchNorm not folded)"
+        report["target"] = {"device": str(self.target.device), **self.target.settings}
+        return report

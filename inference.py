@@ -14,13 +14,12 @@ import argparse
 import sys
 
 import numpy as np
-import torch
 
 import cli
 import deviation
 from device import environment
 from images import expand_inputs, load_ahead, open_image, resize_and_crop
-from model import HEAD_CLASSES, Recognizer, decode
+from model import decode
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,10 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.error(line)
     model, checkpoint = cli.load_model_or_exit(args)
     device, dtype, mode = cli.setup_or_exit(args)
-    recognizer = Recognizer(model, device, dtype, fold=not args.no_fold, channels_last=args.channels_last, compile=args.compile)
-    for line in recognizer.notes:
-        cli.note(line)
-    reference = Recognizer(model, "cpu", torch.float32, fold=False, channels_last=False) if args.compare else None
+    recognizer = cli.recognizer(args, model, device, dtype)
+    comparison = deviation.Comparison(model, recognizer) if args.compare else None
     print(
         f"checkpoint {checkpoint} | device {device} ({environment(device)['device_name']}) | {args.dtype} | "
         f"fp32 conv {mode['conv']}, matmul {mode['matmul']} | {recognizer.settings['kernels']}, "
@@ -68,17 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     failed = len(problems)
-    results, names, ref_logits, out_logits = [], [], [], []
+    results, names = [], []
     for done, batch, errors in load_ahead(paths, load_input, args.batch_size, args.workers):
         for path, message in errors:
             cli.error(message)
         failed += len(errors)
         if batch is None:
             continue
-        logits = recognizer.logits(batch)
-        if reference is not None:
-            ref_logits.append(reference.logits(batch))
-            out_logits.append(logits)
+        logits = comparison.add(batch, done) if comparison else recognizer.logits(batch)
         for path, reading in zip(done, decode(logits)):
             names.append(str(path))
             if args.json:
@@ -87,11 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path}  {reading.number or '-'}  {reading.confidence:.3f}", flush=True)
 
     report = None
-    if reference is not None and names:
-        joined = [torch.cat([b[h] for b in batches]) for batches in (ref_logits, out_logits) for h in range(len(HEAD_CLASSES))]
-        report = deviation.compare(joined[: len(HEAD_CLASSES)], joined[len(HEAD_CLASSES):], dtype, names)
-        report["reference"] = "cpu float32 strict, published module (BatchNorm not folded)"
-        report["target"] = {"device": str(device), "fp32_mode": mode, **recognizer.settings}
+    if comparison is not None and names:
+        report = comparison.report()
+        report["target"]["fp32_mode"] = mode
     if args.json:
         cli.write_json("-", {"images": results, "comparison": report} if args.compare else results)
     elif report is not None:
