@@ -258,7 +258,7 @@ def _some(keys: list[str], n: int = 3) -> str:
 
 MODEL_ID = "Genius-Society/svhn"
 DOWNLOAD_HINT = (
-    "pip install modelscope && modelscope download --model Genius-Society/svhn --local_dir checkpoints"
+    "pip install modelscope && modelscope download --model Genius-Society/svhn --include 'model-*.pth' --local_dir checkpoints"
     ", then pass --checkpoint checkpoints (or set SVHN_CHECKPOINT)"
 )
 
@@ -309,7 +309,7 @@ def _download() -> Path:
             f"no checkpoint found and modelscope.cn cannot be reached; on a machine with a network: {DOWNLOAD_HINT}"
         ) from None
     try:
-        folder = snapshot_download(MODEL_ID, allow_patterns=["*.pth"])
+        folder = snapshot_download(MODEL_ID, allow_patterns=["model-*.pth"])
     except Exception as e:  # the SDK raises many kinds; all mean "no weights"
         raise CheckpointError(f"downloading {MODEL_ID} failed ({_first_line(e)}); {DOWNLOAD_HINT}") from None
     return checkpoint_in_dir(Path(folder))
@@ -472,9 +472,13 @@ class Recognizer:
         }
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
-        """A float32 N x 3 x 54 x 54 CPU batch moved to the device, dtype and memory format."""
-        x = batch.to(device=self.device, dtype=self.dtype, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        """A float32 N x 3 x 54 x 54 CPU batch moved to the device, dtype and memory format.
+
+        Made under inference_mode, like every tensor the network sees: a compiled graph guards on
+        that and would otherwise be compiled twice."""
+        with torch.inference_mode():
+            x = batch.to(device=self.device, dtype=self.dtype, non_blocking=True)
+            return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The six heads' logits for a prepared batch, left on the device."""
