@@ -40,6 +40,24 @@ def die(message: str, status: int = EXIT_USAGE) -> None:
     sys.exit(status)
 
 
+def run(main) -> None:
+    """Run a script's main() and exit with its status; what a user can cause (Ctrl-C, a closed
+    pipe, a batch too large for the memory) ends with one line instead of a traceback."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_FAILED)
+    except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError too
+        text = str(e)
+        if "out of memory" in text.lower() or "can't allocate memory" in text:
+            die(f"out of memory ({text.splitlines()[0][:160]}); use a smaller --batch-size", EXIT_FAILED)
+        raise
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(

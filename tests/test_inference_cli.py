@@ -8,6 +8,8 @@ import re
 import shutil
 import stat
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -262,3 +264,24 @@ def test_compare_fails_and_exits_1_when_the_device_is_off(tmp_path):
     assert_no_traceback(result)
     assert result.returncode == 1
     assert "verdict: FAIL" in result.stdout and "max abs > 1" in result.stdout
+
+
+def test_a_closed_pipe_ends_quietly(random_checkpoint):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "inference.py"), "--checkpoint", str(random_checkpoint), "--batch-size", "1",
+         "--image", *[str(p) for p in sorted((ROOT / "examples").glob("*.png"))] * 20],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    first = proc.stdout.readline()  # like `| head -1`
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    proc.wait(timeout=300)
+    assert first.startswith(str(ROOT / "examples"))
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+def test_a_batch_too_large_for_memory_is_one_line(random_checkpoint):
+    result = run_cli("evaluation/eval_performance.py", "--checkpoint", str(random_checkpoint), "--devices", "cpu",
+                     "--batch-sizes", "2000000", "--warmup", "0", "--runs", "1")
+    assert_no_traceback(result)
+    assert result.returncode == 1 and "out of memory" in result.stderr and "--batch-size" in result.stderr
