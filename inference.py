@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = len(problems)
     results, names = [], []
     for done, batch, errors in load_ahead(paths, load_input, args.batch_size, args.workers):
-        for path, message in errors:
+        for _, message in errors:
             cli.error(message)
         failed += len(errors)
         if batch is None:

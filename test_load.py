@@ -10,7 +10,6 @@ Prints a short report; exits 0 when everything holds, 1 when something does not,
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import ROOT, assert_no_traceback, random_model, run_cli
 from images import preprocess
-from model import HEAD_CLASSES, Recognizer, SVHNModel, decode, load_model
+from model import Recognizer, decode, load_model
 
 SHARED_README_ROW = re.compile(r"^\|\s*(\S+\.png)\s*\|\s*(\d*)\s*\|\s*(\d*)\s*\|\s*([\d.]+)\s*\|$")
 
