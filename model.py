@@ -215,7 +215,8 @@ def load_state_dict(path: str | os.PathLike) -> dict:
 
 def check_state_dict(state_dict: dict, source: str | os.PathLike = "state dict") -> None:
     """Raise CheckpointError naming every missing or unexpected key and every wrong shape."""
-    expected = SVHNModel().state_dict()
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        expected = SVHNModel().state_dict()
     problems = []
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -233,13 +234,17 @@ def check_state_dict(state_dict: dict, source: str | os.PathLike = "state dict")
         raise CheckpointError(f"{source}: NaN or Inf in {_some(bad)}")
 
 
-def load_model(path: str | os.PathLike) -> SVHNModel:
-    """The network with the checkpoint's weights, in eval mode, on CPU, in fp32."""
-    state_dict = load_state_dict(path)
-    check_state_dict(state_dict, path)
+def model_from_state_dict(state_dict: dict, source: str | os.PathLike = "state dict") -> SVHNModel:
+    """The network with these weights (checked first), in eval mode, on CPU, in fp32."""
+    check_state_dict(state_dict, source)
     model = SVHNModel()
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}, strict=True)
     return model.eval()
+
+
+def load_model(path: str | os.PathLike) -> SVHNModel:
+    """The network with the checkpoint's weights, in eval mode, on CPU, in fp32."""
+    return model_from_state_dict(load_state_dict(path), path)
 
 
 def _first_line(e: BaseException) -> str:

@@ -21,11 +21,10 @@ from model import (
     NUM_PARAMETERS,
     CheckpointError,
     Recognizer,
-    SVHNModel,
-    check_state_dict,
     count_parameters,
     find_checkpoint,
     load_state_dict,
+    model_from_state_dict,
 )
 
 
@@ -57,14 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         check("loads with weights_only=True", False, str(e))
         return 1
     try:
-        check_state_dict(state_dict, path)
-        check("keys and shapes match the published network", True, f"{len(SVHNModel().state_dict())} keys")
+        model = model_from_state_dict(state_dict, path)
+        check("keys and shapes match the published network", True, f"{len(state_dict)} keys, loaded with strict=True")
     except CheckpointError as e:
         check("keys and shapes match the published network", False, str(e))
         return 1
-    model = SVHNModel()
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}, strict=True)
-    model.eval()
     n = count_parameters(model)
     check("parameter count", n == NUM_PARAMETERS, f"{n:,} (published: {NUM_PARAMETERS:,})")
 
