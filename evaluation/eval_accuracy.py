@@ -205,8 +205,8 @@ def contact_sheet(errors: list[dict], crops: dict[str, np.ndarray], path: Path, 
         x, y = (i % columns) * cell_w, (i // columns) * cell_h
         crop = Image.fromarray(crops[e["file"]]).resize((54 * scale, 54 * scale), Image.NEAREST)
         sheet.paste(crop, (x + 6, y + 4))
-        draw.text((x + 6, y + 114), f"true {e['true']}", fill=(0, 110, 0))
-        draw.text((x + 6, y + 127), f"read {e['read'] or '-'} {e['confidence']:.2f}", fill=(190, 0, 0))
+        draw.text((x + 6, y + 114), f"true {e['true_number']}", fill=(0, 110, 0))
+        draw.text((x + 6, y + 127), f"read {e['number'] or '-'} {e['confidence']:.2f}", fill=(190, 0, 0))
         draw.text((x + 6, y + 139), Path(e["file"]).name[:18], fill=(90, 90, 90))
     try:
         sheet.save(path)
@@ -237,9 +237,9 @@ def score(records: list[Record], readings: list, left_out: dict[str, int], secon
         position_digits += np.arange(MAX_DIGITS) < len(rec.digits)
         confusion[len(rec.digits), r.length] += 1
         per_image.append(
-            {"file": rec.file, "true": rec.number, "read": r.number, "confidence": r.confidence, "correct": correct,
-             "correct_strict": strict, "true_length": len(rec.digits), "read_length": r.length, "digits": r.digits,
-             "boxes": rec.boxes is not None}
+            # the reading's fields are inference.py's (number, length, digits, confidence, ...)
+            {"file": rec.file, "true_number": rec.number, "true_length": len(rec.digits), **r.as_dict(),
+             "correct": correct, "correct_strict": strict, "boxes_used": rec.boxes is not None}
         )
     n = len(per_image)
     return {
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     misread = sorted((p for p in report["images"] if not p["correct"]), key=lambda p: -p["confidence"])
     if args.errors:
         print(f"\n{min(args.errors, len(misread))} of {len(misread)} misread images, most confident first\n")
-        rows = [[p["file"], p["true"], p["read"] or "-", f"{p['confidence']:.3f}"] for p in misread[: args.errors]]
+        rows = [[p["file"], p["true_number"], p["number"] or "-", f"{p['confidence']:.3f}"] for p in misread[: args.errors]]
         print(cli.markdown_table(["file", "true", "read", "confidence"], rows))
     if args.sheet:
         contact_sheet(misread[: args.errors] if args.errors else misread, crops, Path(args.sheet))

@@ -247,8 +247,8 @@ def test_eval_accuracy_end_to_end(checkpoint, svhn_folder, tmp_path):
         assert any(name in line and words in line for line in result.stderr.splitlines()), (name, result.stderr)
     rows = {p["file"]: p for p in data["images"]}
     assert set(rows) == {g[0] for g in good}
-    assert rows["10.png"]["true"] == "19" and rows["10.png"]["read"] == "19"  # svhn-train-1 with its boxes
-    assert all(set(p) >= {"file", "true", "read", "confidence"} for p in data["images"])
+    assert rows["10.png"]["true_number"] == "19" and rows["10.png"]["number"] == "19"  # svhn-train-1 with its boxes
+    assert all(set(p) >= {"file", "true_number", "number", "length", "digits", "confidence"} for p in data["images"])
     assert data["accuracy_strict"] <= data["accuracy"]
     assert sum(v["images"] for v in data["accuracy_by_length"].values()) == scored
     assert "most confident first" in result.stdout
@@ -262,7 +262,7 @@ def test_eval_accuracy_without_boxes_reads_whole_images(checkpoint, svhn_folder,
                      "--no-boxes", "--json", str(out))
     assert result.returncode == 0, result.stderr
     rows = {p["file"]: p for p in json.loads(out.read_text())["images"]}
-    assert rows["10.png"]["read"] == "79"  # the whole svhn-train-1 photo misreads, as inference.py does
+    assert rows["10.png"]["number"] == "79"  # the whole svhn-train-1 photo misreads, as inference.py does
 
 
 def test_eval_accuracy_bad_labels(random_checkpoint, tmp_path):
