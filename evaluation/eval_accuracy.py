@@ -56,6 +56,11 @@ class Record:
     def number(self) -> str:
         return "".join(map(str, self.digits))
 
+    @property
+    def target(self) -> list[int]:
+        """What the five digit heads should read: the digits, then 10 (no digit)."""
+        return self.digits + [BLANK] * (MAX_DIGITS - len(self.digits))
+
 
 # --------------------------------------------------------------------------------------------
 # Labels: SVHN format 1 digitStruct.mat, or a JSON / CSV labels file
@@ -227,7 +232,7 @@ def score(records: list[Record], readings: list, left_out: dict[str, int], secon
     position_digits = np.zeros(MAX_DIGITS, dtype=int)
     confusion = np.zeros((MAX_DIGITS + 1, 7), dtype=int)  # true length 0..5 x read length 0..6
     for rec, r in zip(records, readings):
-        target = rec.digits + [BLANK] * (MAX_DIGITS - len(rec.digits))
+        target = rec.target
         correct = r.digits == target
         strict = correct and r.length == len(rec.digits)
         by_length.setdefault(len(rec.digits), [0, 0])
@@ -372,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             model_seconds += time.perf_counter() - t
             if keep_crops:
                 for r, reading, crop in zip(done, got, as_uint8(batch)):
-                    if reading.digits != r.digits + [BLANK] * (MAX_DIGITS - len(r.digits)):
+                    if reading.digits != r.target:
                         crops[r.file] = crop
             scored += done
             readings += got

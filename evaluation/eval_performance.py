@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 
 import cli  # noqa: E402
 import device as dev  # noqa: E402
-from model import CheckpointError, InferenceNet, Recognizer, SVHNModel, find_checkpoint, flops_per_image, load_model  # noqa: E402
+from model import CheckpointError, InferenceNet, Recognizer, SVHNModel, find_checkpoint, flops_per_image  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -194,18 +194,15 @@ def default_devices() -> list[str]:
 
 def load_any_model(args: argparse.Namespace) -> tuple[SVHNModel, str]:
     """Speed does not depend on the weights: without a checkpoint, random ones are timed."""
-    try:
-        path = find_checkpoint(args.checkpoint, download=False)
-    except CheckpointError as e:
-        if args.checkpoint:
-            cli.die(str(e))
-        cli.note("no checkpoint found; timing random weights (speed does not depend on them)")
-        torch.manual_seed(0)
-        return SVHNModel().eval(), "random weights"
-    try:
-        return load_model(path), str(path)
-    except CheckpointError as e:
-        cli.die(str(e))
+    if not args.checkpoint:
+        try:
+            find_checkpoint(download=False)
+        except CheckpointError:
+            cli.note("no checkpoint found; timing random weights (speed does not depend on them)")
+            torch.manual_seed(0)
+            return SVHNModel().eval(), "random weights"
+    model, path = cli.load_model_or_exit(args)
+    return model, str(path)
 
 
 def markdown(results: dict) -> str:
