@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Check a checkpoint: it loads strictly into the published network, its keys, shapes and
-parameter count are right, and one example image goes through a forward pass.
+"""Check a checkpoint: it loads with weights_only=True, its keys, shapes and dtypes are the
+published network's, a forward pass on the CPU gives finite logits of the right shapes, and the
+device's own output (fast path, --dtype) agrees with the CPU fp32 reference on that image.
 
-    python test_load.py [--checkpoint PATH] [--device cpu] [--image examples/plaque-503.png]
+    python test_load.py [--checkpoint PATH] [--device npu] [--dtype float16] [--image examples/plaque-503.png]
 
-Prints a short report; exits 0 when everything holds, 1 when something does not, 2 on usage errors.
+Prints one line per check; exits 0 when every check holds, 1 when one does not, 2 on usage
+errors (no checkpoint found, no such device).
 """
 
-from __future__ import annotations
+import svhn  # noqa: F401  (first: keeps torch_npu from loading itself at `import torch`)
 
 import argparse
 import time
@@ -15,74 +17,88 @@ from pathlib import Path
 
 import torch
 
-import cli
-from images import ImageError, preprocess
-from model import (
-    NUM_PARAMETERS,
-    CheckpointError,
-    Recognizer,
-    count_parameters,
-    find_checkpoint,
-    load_state_dict,
-    model_from_state_dict,
-)
+from model import HEAD_CLASSES, NUM_PARAMETERS, WeightsError, count_parameters, decode, model_from_state_dict
+from svhn import cli, deviation, devices
+from svhn.checkpoints import CheckpointError, find_checkpoint, load_state_dict
+from svhn.images import ImageError, preprocess
+from svhn.recognizer import Recognizer, reference
+from svhn.text import printable
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+        self.count = 0
+
+    def __call__(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.count += 1
+        if not ok:
+            self.failed.append(name)
+        print(f"[{'ok' if ok else 'FAIL'}] {name}{': ' + detail if detail else ''}", flush=True)
+        return ok
+
+    def summary(self) -> int:
+        print(f"{self.count - len(self.failed)}/{self.count} checks passed" + (f"; failed: {', '.join(self.failed)}" if self.failed else ""))
+        return cli.EXIT_FAILED if self.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser)
-    parser.add_argument("--device", default="cpu", help="device for the forward pass (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="device whose output is checked against the CPU reference (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=list(devices.DTYPES), help="dtype on that device (default: %(default)s)")
     parser.add_argument("--image", default=None, help="image for the forward pass (default: the first bundled example)")
     args = parser.parse_args(argv)
-
-    checks: list[tuple[str, bool, str]] = []
-
-    def check(name: str, ok: bool, detail: str = "") -> bool:
-        checks.append((name, ok, detail))
-        print(f"[{'ok' if ok else 'FAIL'}] {name}{': ' + detail if detail else ''}", flush=True)
-        return ok
+    check = Checks()
 
     try:
         path = find_checkpoint(args.checkpoint)
     except CheckpointError as e:
         cli.die(str(e))
-    size = path.stat().st_size
-    check("checkpoint found", True, f"{path} ({size / 1e6:.1f} MB)")
+    device = cli.device_or_exit(args.device)
+    print(f"checkpoint {printable(path)} ({path.stat().st_size / 1e6:.1f} MB)", flush=True)
     try:
         start = time.perf_counter()
         state_dict = load_state_dict(path)
-        check("loads with weights_only=True", True, f"{len(state_dict)} entries in {time.perf_counter() - start:.2f} s")
     except CheckpointError as e:
         check("loads with weights_only=True", False, str(e))
-        return 1
+        return check.summary()
+    check("loads with weights_only=True", True, f"{len(state_dict)} entries in {time.perf_counter() - start:.2f} s")
     try:
-        model = model_from_state_dict(state_dict, path)
-        check("keys and shapes match the published network", True, f"{len(state_dict)} keys, loaded with strict=True")
-    except CheckpointError as e:
-        check("keys and shapes match the published network", False, str(e))
-        return 1
+        model = model_from_state_dict(state_dict, printable(path))
+    except WeightsError as e:
+        check("keys, shapes and dtypes are the published network's", False, str(e))
+        return check.summary()
     n = count_parameters(model)
-    check("parameter count", n == NUM_PARAMETERS, f"{n:,} (published: {NUM_PARAMETERS:,})")
+    check("keys, shapes and dtypes are the published network's", n == NUM_PARAMETERS, f"{len(state_dict)} keys, strict load, {n:,} parameters (published: {NUM_PARAMETERS:,})")
 
     image = Path(args.image) if args.image else next(iter(sorted(cli.EXAMPLES.glob("*.png"))), None)
-    if image is None:
-        check("forward pass", False, "no example image found; pass --image")
-        return 1
     try:
+        if image is None:
+            raise ImageError("no example image found; pass --image")
         x = preprocess(image).unsqueeze(0)
     except ImageError as e:
-        check("forward pass", False, str(e))
-        return 1
-    device = cli.device_or_exit(args.device)
-    with torch.inference_mode():
-        logits = model(x)
-    shapes_ok = [tuple(t.shape) for t in logits] == [(1, 7)] + [(1, 11)] * 5
-    finite = all(torch.isfinite(t).all() for t in logits)
-    reading = Recognizer(model, device).read(x)[0]
-    check("forward pass", shapes_ok and finite, f"{image.name} on {device}: '{reading.number}' (confidence {reading.confidence:.3f})")
-    failed = [name for name, ok, _ in checks if not ok]
-    print(f"{len(checks) - len(failed)}/{len(checks)} checks passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+        check("forward pass on the CPU", False, str(e))
+        return check.summary()
+    want = reference(model).logits(x)
+    shapes = [tuple(t.shape) for t in want]
+    finite = all(bool(torch.isfinite(t).all()) for t in want)
+    check(
+        "forward pass on the CPU",
+        shapes == [(1, c) for c in HEAD_CLASSES] and finite,
+        f"{image.name}: '{decode(want)[0].number}', head shapes {shapes}" + ("" if finite else ", NaN or Inf in the logits"),
+    )
+    target = Recognizer(model, device, devices.DTYPES[args.dtype], note=cli.note)
+    got = target.logits(x)
+    report = deviation.compare(want, got, target.dtype, [image.name])
+    failed = sorted({rule for h in report["heads"].values() for rule in h["failed"]})
+    check(
+        f"{device} {args.dtype} output matches the CPU fp32 reference",
+        report["verdict"] == "PASS",
+        f"'{decode(got)[0].number}' (confidence {decode(got)[0].confidence:.3f}), max abs {report['max_abs']:.2e}, "
+        f"{target.settings['kernels']}" + (f"; {'; '.join(failed)}" if failed else ""),
+    )
+    return check.summary()
 
 
 if __name__ == "__main__":

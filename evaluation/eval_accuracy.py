@@ -14,184 +14,29 @@ square, grown by 30 %, bicubic to 64x64, centre 54x54); an image without boxes, 
 --no-boxes, is read whole as inference.py reads it. Images with more than five digits are skipped.
 An image is correct when all five digit heads match (10 past the end); the strict figure also
 needs the length head to match.
+--json FILE streams every image as it is scored and ends with the report; an interrupted run
+leaves a valid document of the images scored so far ("complete": false).
 Exit status: 0 done (even when images were left out, which the report counts), 2 usage errors.
 """
 
-from __future__ import annotations
+import svhn  # noqa: F401  (first: keeps torch_npu from loading itself at `import torch`)
 
 import argparse
-import csv
-import json
+import contextlib
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import cli  # noqa: E402
-from device import environment  # noqa: E402
-from images import ImageError, digit_crop, load_ahead, open_image, resize_and_crop  # noqa: E402
-from model import BLANK, decode  # noqa: E402
-
-MAX_DIGITS = 5
-
-
-class LabelError(Exception):
-    """Labels that cannot be read at all; the message names the file."""
-
-
-@dataclass
-class Record:
-    file: str
-    digits: list[int]  # 0..9, left to right
-    boxes: list[list[float]] | None  # per digit [left, top, width, height], or None
-
-    @property
-    def number(self) -> str:
-        return "".join(map(str, self.digits))
-
-    @property
-    def target(self) -> list[int]:
-        """What the five digit heads should read: the digits, then 10 (no digit)."""
-        return self.digits + [BLANK] * (MAX_DIGITS - len(self.digits))
-
-
-# --------------------------------------------------------------------------------------------
-# Labels: SVHN format 1 digitStruct.mat, or a JSON / CSV labels file
-# --------------------------------------------------------------------------------------------
-
-
-def read_digit_struct(path: Path) -> tuple[list[Record], list[str]]:
-    """Records of a format-1 digitStruct.mat, plus one error line per record that could not be read.
-
-    MATLAB v7.3 is HDF5: group digitStruct holds `name` (N references to uint16 character arrays)
-    and `bbox` (N references to groups with label, left, top, width, height). A one-digit record
-    stores each field as a 1x1 array; a longer one as n references to 1x1 arrays. Label 10 is 0.
-    """
-    import h5py
-
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise LabelError(f"{path}: not an HDF5 file (SVHN's digitStruct.mat is MATLAB v7.3, i.e. HDF5)") from None
-    with f:
-        group = f.get("digitStruct")
-        if not isinstance(group, h5py.Group) or "name" not in group or "bbox" not in group:
-            raise LabelError(f"{path}: no digitStruct group with name and bbox in this file")
-        names, bboxes = group["name"][()].ravel(), group["bbox"][()].ravel()
-        if len(names) != len(bboxes):
-            raise LabelError(f"{path}: {len(names)} names but {len(bboxes)} bbox records")
-        records, errors = [], []
-        # Every digit of every record is a reference to follow: about 30 s for SVHN's test set.
-        progress = tqdm(zip(names, bboxes), total=len(names), desc=f"reading {path.name}", unit="rec", file=sys.stderr, disable=None)
-        for i, (name_ref, bbox_ref) in enumerate(progress):
-            try:
-                file = "".join(chr(int(c)) for c in f[name_ref][()].ravel())
-                box = f[bbox_ref]
-                fields = {k: _field(f, box[k]) for k in ("label", "left", "top", "width", "height")}
-            except (KeyError, ValueError, TypeError, OSError) as e:
-                errors.append(f"{path}: record {i + 1} cannot be read ({type(e).__name__}: {e})")
-                continue
-            n = len(fields["label"])
-            if any(len(v) != n for v in fields.values()):
-                errors.append(f"{path}: record {i + 1} ({file}) has fields of different lengths")
-                continue
-            digits = [0 if int(v) == 10 else int(v) for v in fields["label"]]
-            boxes = [[fields[k][j] for k in ("left", "top", "width", "height")] for j in range(n)]
-            records.append(Record(file, digits, boxes))
-    return records, errors
-
-
-def _field(f, dataset) -> list[float]:
-    values = dataset[()].ravel()
-    if dataset.dtype.kind == "O":  # references, one per digit
-        return [float(f[ref][()].ravel()[0]) for ref in values]
-    return [float(v) for v in values]
-
-
-def read_labels_file(path: Path) -> tuple[list[Record], list[str]]:
-    """Records of a JSON or CSV labels file (see the module doc), plus one error line per bad entry."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LabelError(f"{path}: cannot be read ({e})") from None
-    if path.suffix.lower() == ".json":
-        try:
-            entries = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LabelError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(entries, list):
-            raise LabelError(f"{path}: expected a JSON list of {{file, label, boxes}} objects")
-    else:
-        rows = list(csv.DictReader(text.splitlines()))
-        if not rows or "file" not in rows[0] or not ({"number", "label"} & set(rows[0])):
-            raise LabelError(f"{path}: expected CSV columns file, number and optionally boxes")
-        entries = rows
-    records, errors = [], []
-    for i, entry in enumerate(entries):
-        where = f"{path}: entry {i + 1}"
-        try:
-            records.append(_record(entry))
-        except (ValueError, TypeError, KeyError, AttributeError, json.JSONDecodeError) as e:
-            errors.append(f"{where}: {e}")
-    return records, errors
-
-
-def _record(entry: dict) -> Record:
-    file = entry["file"]
-    number = str(entry.get("number", entry.get("label", ""))).strip()
-    if not file or not number.isdigit():
-        raise ValueError(f"needs a file and a number of digits (got file={file!r}, number={number!r})")
-    boxes = entry.get("boxes")
-    if isinstance(boxes, str):
-        boxes = json.loads(boxes) if boxes.strip() else None
-    if boxes is not None:
-        boxes = [[float(v) for v in box] for box in boxes]
-        if any(len(b) != 4 for b in boxes):
-            raise ValueError(f"{file}: each box needs [left, top, width, height]")
-        if len(boxes) != len(number):
-            raise ValueError(f"{file}: {len(boxes)} boxes for {len(number)} digits")
-    return Record(file, [int(c) for c in number], boxes)
-
-
-def find_labels(data: Path, labels: str | None) -> Path:
-    if labels:
-        return Path(labels)
-    for name in ("digitStruct.mat", "labels.json", "labels.csv"):
-        if (data / name).is_file():
-            return data / name
-    raise LabelError(f"{data}: no labels (digitStruct.mat, labels.json or labels.csv) in this folder; pass --labels FILE")
-
-
-def read_labels(path: Path) -> tuple[list[Record], list[str]]:
-    if not path.is_file():
-        raise LabelError(f"{path}: no such labels file")
-    return read_digit_struct(path) if path.suffix.lower() == ".mat" else read_labels_file(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Crops
-# --------------------------------------------------------------------------------------------
-
-
-def crop_for(record: Record, data: Path, use_boxes: bool) -> np.ndarray:
-    """The 54x54 uint8 input for one record: the published box crop, or the whole image."""
-    img = open_image(data / record.file, name=str(data / record.file))
-    if not use_boxes or record.boxes is None:
-        return resize_and_crop(img)
-    w, h = img.size
-    for left, top, bw, bh in record.boxes:
-        if bw <= 0 or bh <= 0:
-            raise ImageError(f"{data / record.file}: a digit box has no area ({left}, {top}, {bw}, {bh})")
-        if left >= w or top >= h or left + bw <= 0 or top + bh <= 0:
-            raise ImageError(f"{data / record.file}: a digit box lies outside the {w}x{h} image ({left}, {top}, {bw}, {bh})")
-    return digit_crop(img, record.boxes)
+from svhn import cli
+from svhn.devices import environment
+from svhn.images import labelled_crop
+from svhn.labels import MAX_DIGITS, LabelError, Record, find_labels, read_labels
+from svhn.text import printable
 
 
 def as_uint8(batch: torch.Tensor) -> np.ndarray:
@@ -212,7 +57,7 @@ def contact_sheet(errors: list[dict], crops: dict[str, np.ndarray], path: Path, 
         sheet.paste(crop, (x + 6, y + 4))
         draw.text((x + 6, y + 114), f"true {e['true_number']}", fill=(0, 110, 0))
         draw.text((x + 6, y + 127), f"read {e['number'] or '-'} {e['confidence']:.2f}", fill=(190, 0, 0))
-        draw.text((x + 6, y + 139), Path(e["file"]).name[:18], fill=(90, 90, 90))
+        draw.text((x + 6, y + 139), printable(Path(e["file"]).name)[:18], fill=(90, 90, 90))
     try:
         sheet.save(path)
     except (OSError, ValueError) as e:
@@ -224,29 +69,31 @@ def contact_sheet(errors: list[dict], crops: dict[str, np.ndarray], path: Path, 
 # --------------------------------------------------------------------------------------------
 
 
-def score(records: list[Record], readings: list, left_out: dict[str, int], seconds: float, model_seconds: float) -> dict:
-    """The accuracy report from the per-image readings (records and readings in the same order)."""
-    per_image = []
+def scored(record: Record, reading) -> dict:
+    """One image's result: the truth, the reading (inference.py's fields) and whether it is right."""
+    correct = reading.digits == record.target
+    return {
+        "file": record.file, "true_number": record.number, "true_length": len(record.digits), **reading.as_dict(),
+        "correct": correct, "correct_strict": correct and reading.length == len(record.digits), "boxes_used": record.boxes is not None,
+    }
+
+
+def summary(per_image: list[dict], left_out: dict[str, int], seconds: float, model_seconds: float) -> dict:
+    """The accuracy report from the per-image results."""
+    n = len(per_image)
     by_length: dict[int, list[int]] = {}
     position_ok = np.zeros(MAX_DIGITS)
     position_digits = np.zeros(MAX_DIGITS, dtype=int)
     confusion = np.zeros((MAX_DIGITS + 1, 7), dtype=int)  # true length 0..5 x read length 0..6
-    for rec, r in zip(records, readings):
-        target = rec.target
-        correct = r.digits == target
-        strict = correct and r.length == len(rec.digits)
-        by_length.setdefault(len(rec.digits), [0, 0])
-        by_length[len(rec.digits)][0] += correct
-        by_length[len(rec.digits)][1] += 1
-        position_ok += np.array(r.digits) == np.array(target)
-        position_digits += np.arange(MAX_DIGITS) < len(rec.digits)
-        confusion[len(rec.digits), r.length] += 1
-        per_image.append(
-            # the reading's fields are inference.py's (number, length, digits, confidence, ...)
-            {"file": rec.file, "true_number": rec.number, "true_length": len(rec.digits), **r.as_dict(),
-             "correct": correct, "correct_strict": strict, "boxes_used": rec.boxes is not None}
-        )
-    n = len(per_image)
+    for p in per_image:
+        length = p["true_length"]
+        target = [int(c) for c in p["true_number"]] + [10] * (MAX_DIGITS - length)
+        by_length.setdefault(length, [0, 0])
+        by_length[length][0] += p["correct"]
+        by_length[length][1] += 1
+        position_ok += np.array(p["digits"]) == np.array(target)
+        position_digits += np.arange(MAX_DIGITS) < length
+        confusion[length, p["length"]] += 1
     return {
         "images_scored": n,
         "accuracy": sum(p["correct"] for p in per_image) / n if n else None,
@@ -261,7 +108,6 @@ def score(records: list[Record], readings: list, left_out: dict[str, int], secon
         "left_out": left_out,
         "images_per_s": n / seconds if seconds > 0 else None,
         "model_images_per_s": n / model_seconds if model_seconds > 0 else None,
-        "images": per_image,
     }
 
 
@@ -309,97 +155,91 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--data", required=True, metavar="DIR", help="folder of images (e.g. SVHN's test/)")
     group.add_argument("--labels", metavar="FILE", help="digitStruct.mat, .json or .csv (default: found in --data)")
     group.add_argument("--no-boxes", action="store_true", help="read whole images, ignoring the digit boxes")
-    group.add_argument("--limit", type=int, default=None, help="score only the first N labelled images")
-    group.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    group.add_argument("--workers", type=int, default=2, help="threads decoding and cropping ahead (default: %(default)s)")
+    group.add_argument("--limit", type=cli.positive_int, default=None, help="score only the first N labelled images")
+    cli.add_loader_args(group, batch_size=64)
     cli.add_model_args(parser)
     cli.add_device_args(parser)
     group = parser.add_argument_group("output")
-    group.add_argument("--json", metavar="FILE", help="the report and every image scored")
+    group.add_argument("--json", metavar="FILE", help="stream every image scored, then the report, to FILE ('-': stdout)")
     group.add_argument("--errors", type=int, default=0, metavar="N", help="list the N most confident misreads")
     group.add_argument("--sheet", metavar="FILE.png", help="contact sheet of the misread crops (with --errors N, or all)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.errors < 0 or (args.limit is not None and args.limit < 1):
-        parser.error("--batch-size and --limit must be >= 1, --errors >= 0")
+    if args.errors < 0:
+        parser.error("--errors must be >= 0")
     return args
+
+
+def labelled_records(args: argparse.Namespace, data: Path) -> tuple[Path, list[Record], dict[str, int]]:
+    """The labels file, the records to score and the counts of those left out (each reported)."""
+    try:
+        labels = find_labels(data, args.labels)
+        records, label_errors, warnings = read_labels(labels)
+    except LabelError as e:
+        cli.die(str(e))
+    for line in label_errors:
+        cli.error(line)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    left_out = {"unreadable labels": len(label_errors), "more than 5 digits": 0, "image failed": 0}
+    usable = [r for r in records if len(r.digits) <= MAX_DIGITS]
+    left_out["more than 5 digits"] = len(records) - len(usable)
+    usable = usable[: args.limit] if args.limit else usable
+    if not usable:
+        cli.die(f"{printable(labels)}: no labelled images to score", cli.EXIT_FAILED)
+    return labels, usable, left_out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = Path(args.data)
     if not data.is_dir():
-        cli.die(f"{data}: no such folder")
-    try:
-        labels = find_labels(data, args.labels)
-        records, label_errors = read_labels(labels)
-    except LabelError as e:
-        cli.die(str(e))
-    for line in label_errors:
-        cli.error(line)
-    left_out = {"unreadable labels": len(label_errors), "more than 5 digits": 0, "image failed": 0}
-    usable = []
-    for rec in records:
-        if len(rec.digits) > MAX_DIGITS:
-            left_out["more than 5 digits"] += 1
-        else:
-            usable.append(rec)
-    if args.limit:
-        usable = usable[: args.limit]
-    if not usable:
-        cli.die(f"{labels}: no labelled images to score", cli.EXIT_FAILED)
-
-    model, checkpoint = cli.load_model_or_exit(args)
-    device, dtype, mode = cli.setup_or_exit(args)
-    rec = cli.recognizer(args, model, device, dtype)
+        cli.die(f"{printable(data)}: no such folder")
+    labels, usable, left_out = labelled_records(args, data)
     use_boxes = not args.no_boxes
-    print(
-        f"scoring {len(usable)} images of {data} ({labels.name}) on {device} {args.dtype}, "
-        f"{'box crops' if use_boxes else 'whole images'}, checkpoint {checkpoint}",
-        file=sys.stderr,
-    )
+    crop = "boxes" if use_boxes else "whole image"
+    out = cli.JsonOutput(args.json, head={"data": data, "labels": labels, "crop": crop}) if args.json else None
+    run = cli.setup(args)
+    rec = run.recognizer
+    print(f"scoring {len(usable)} images of {printable(data)} ({labels.name}) on {run.device} {args.dtype}, {crop}; {run.header(args.dtype)}", file=sys.stderr)
 
-    scored: list[Record] = []
-    readings = []
+    per_image: list[dict] = []
     crops: dict[str, np.ndarray] = {}
-    keep_crops = bool(args.sheet)
+    failures = cli.Failures()
     start, model_seconds = time.perf_counter(), 0.0
-    with tqdm(total=len(usable), unit="img", file=sys.stderr, disable=None) as bar:
-        loader = load_ahead(usable, lambda r: crop_for(r, data, use_boxes), args.batch_size, args.workers)
-        for done, batch, errors in loader:
-            for _, message in errors:
-                cli.error(message)
-            left_out["image failed"] += len(errors)
-            bar.update(len(done) + len(errors))
-            if batch is None:
-                continue
+
+    def load(r: Record) -> np.ndarray:
+        return labelled_crop(data / r.file, r.boxes if use_boxes else None)
+
+    with out or contextlib.nullcontext(), tqdm(total=len(usable), unit="img", file=sys.stderr, disable=None) as bar:
+        for done, batch in cli.batches(usable, load, args, failures):
             t = time.perf_counter()
-            got = decode(rec.logits(batch))
+            readings = rec.read(batch)
             model_seconds += time.perf_counter() - t
-            if keep_crops:
-                for r, reading, crop in zip(done, got, as_uint8(batch)):
-                    if reading.digits != r.target:
-                        crops[r.file] = crop
-            scored += done
-            readings += got
-    report = score(scored, readings, left_out, time.perf_counter() - start, model_seconds)
-    print(f"# Accuracy: {data} ({labels.name}), {'box crops' if use_boxes else 'whole images'}\n")
-    print(f"device {device} ({environment(device)['device_name']}), {args.dtype}, fp32 conv {mode['conv']} / matmul {mode['matmul']}; checkpoint {checkpoint}\n")
+            for r, reading, array in zip(done, readings, as_uint8(batch) if args.sheet else [None] * len(done)):
+                per_image.append(scored(r, reading))
+                if out:
+                    out.add(per_image[-1])
+                if array is not None and not per_image[-1]["correct"]:
+                    crops[r.file] = array
+            bar.n = len(per_image) + failures.count
+            bar.refresh()
+        left_out["image failed"] = failures.count
+        report = summary(per_image, left_out, time.perf_counter() - start, model_seconds)
+        if out:
+            out.finish({"checkpoint": run.checkpoint, "device": run.device, "dtype": args.dtype, "fp32_mode": run.fp32_mode,
+                        "settings": rec.settings, "environment": environment(run.device), **report})
+    print(f"# Accuracy: {printable(data)} ({labels.name}), {'box crops' if use_boxes else 'whole images'}\n")
+    print(f"device {run.device} ({environment(run.device)['device_name']}), {args.dtype}, fp32 conv {run.fp32_mode['conv']} / matmul {run.fp32_mode['matmul']}; checkpoint {printable(run.checkpoint)}\n")
     print(markdown(report))
-    misread = sorted((p for p in report["images"] if not p["correct"]), key=lambda p: -p["confidence"])
+    misread = sorted((p for p in per_image if not p["correct"]), key=lambda p: -p["confidence"])
     if args.errors:
         print(f"\n{min(args.errors, len(misread))} of {len(misread)} misread images, most confident first\n")
-        rows = [[p["file"], p["true_number"], p["number"] or "-", f"{p['confidence']:.3f}"] for p in misread[: args.errors]]
+        rows = [[printable(p["file"]), p["true_number"], p["number"] or "-", f"{p['confidence']:.3f}"] for p in misread[: args.errors]]
         print(cli.markdown_table(["file", "true", "read", "confidence"], rows))
     if args.sheet:
-        contact_sheet(misread[: args.errors] if args.errors else misread, crops, Path(args.sheet))
-        cli.note(f"contact sheet of {len(misread[: args.errors] if args.errors else misread)} misread crops: {args.sheet}")
-    if args.json:
-        cli.write_json(
-            args.json,
-            {"data": str(data), "labels": str(labels), "crop": "boxes" if use_boxes else "whole image", "checkpoint": str(checkpoint),
-             "device": str(device), "dtype": args.dtype, "fp32_mode": mode, "settings": rec.settings,
-             "environment": environment(device), **report},
-        )
+        shown_errors = misread[: args.errors] if args.errors else misread
+        contact_sheet(shown_errors, crops, Path(args.sheet))
+        cli.note(f"contact sheet of {len(shown_errors)} misread crops: {printable(args.sheet)}")
     return 0
 
 

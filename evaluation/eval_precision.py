@@ -11,20 +11,17 @@ The statistics and rules are deviation.py's, the same as `inference.py --compare
 Exit status: 0 PASS, 1 FAIL, 2 usage errors.
 """
 
-from __future__ import annotations
+import svhn  # noqa: F401  (first: keeps torch_npu from loading itself at `import torch`)
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import cli  # noqa: E402
-import deviation  # noqa: E402
-from device import environment  # noqa: E402
-from images import expand_inputs, load_ahead, open_image, resize_and_crop, to_tensor  # noqa: E402
+from svhn import cli, deviation
+from svhn.devices import environment
+from svhn.images import expand_inputs, photo_input, to_tensor
+from svhn.recognizer import Comparison
+from svhn.text import shown
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,13 +30,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--samples", type=int, default=100, help="seeded random images (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0, help="seed of the random images (default: %(default)s)")
     group.add_argument("--images", nargs="*", default=None, help="real images: files, folders, globs (default: examples/)")
-    group.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    cli.add_loader_args(group, batch_size=16)
     cli.add_model_args(parser)
     cli.add_device_args(parser)
     parser.add_argument("--json", metavar="FILE", help="write every figure, the versions and the settings here")
     args = parser.parse_args(argv)
-    if args.samples < 0 or args.batch_size < 1:
-        parser.error("--samples must be >= 0 and --batch-size >= 1")
+    if args.samples < 0:
+        parser.error("--samples must be >= 0")
     return args
 
 
@@ -51,54 +48,44 @@ def random_images(n: int, seed: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    paths, problems = expand_inputs(args.images if args.images is not None else [cli.shown(cli.EXAMPLES)])
-    for line in problems:
-        cli.error(line)
-    model, checkpoint = cli.load_model_or_exit(args)
-    device, dtype, mode = cli.setup_or_exit(args)
-    target = cli.recognizer(args, model, device, dtype)
-    comparison = deviation.Comparison(model, target)
+    paths, problems = expand_inputs(args.images if args.images is not None else [shown(cli.EXAMPLES)])
+    failures = cli.Failures(problems)
+    out = cli.JsonOutput(args.json) if args.json else None
+    run = cli.setup(args)
+    comparison = Comparison(run.model, run.recognizer)
 
     noise = random_images(args.samples, args.seed)
     for start in range(0, args.samples, args.batch_size):
         comparison.add(noise[start : start + args.batch_size], [f"random#{i}" for i in range(start, min(start + args.batch_size, args.samples))])
-    failed = 0
-    for done, batch, errors in load_ahead(paths, lambda p: resize_and_crop(open_image(p)), args.batch_size):
-        for _, message in errors:
-            cli.error(message)
-        failed += len(errors)
-        if batch is not None:
-            comparison.add(batch, [cli.shown(Path(p)) for p in done])
+    for done, batch in cli.batches(paths, photo_input, args, failures):
+        comparison.add(batch, [shown(p) for p in done])
     if not comparison.names:
         cli.die("no inputs: --samples is 0 and no image could be read", cli.EXIT_FAILED)
 
     report = comparison.report()
     real = len(comparison.names) - args.samples
-    env = environment(device)
-    print(f"# Precision: {env['device_name']} ({device}, {args.dtype}) against CPU fp32\n")
+    env = environment(run.device)
+    s = run.recognizer.settings
+    print(f"# Precision: {env['device_name']} ({run.device}, {args.dtype}) against CPU fp32\n")
+    print(f"inputs: {args.samples} random images (seed {args.seed}) + {real} real images" + (f" ({failures.count} unreadable, left out)" if failures.count else ""))
+    print(f"reference: cpu float32, IEEE, published module (BatchNorm not folded); checkpoint {shown(run.checkpoint)}")
     print(
-        f"inputs: {args.samples} random images (seed {args.seed}) + {real} real images"
-        + (f" ({failed} unreadable, left out)" if failed else "")
-    )
-    print(f"reference: cpu float32, IEEE, published module (BatchNorm not folded); checkpoint {checkpoint}")
-    print(
-        f"target: {device} {args.dtype}, fp32 conv {mode['conv']} / matmul {mode['matmul']}, "
-        f"{target.settings['kernels']}, {target.settings['memory_format']}, graph {target.graph}; "
-        f"torch {env['torch']}" + (f", torch_npu {env.get('torch_npu')}, CANN {env.get('cann')}" if device.type == "npu" else "")
+        f"target: {run.device} {args.dtype}, fp32 conv {run.fp32_mode['conv']} / matmul {run.fp32_mode['matmul']}, "
+        f"{s['kernels']}, {s['memory_format']}, graph {s['graph_mode']}; torch {env['torch']}"
+        + (f", torch_npu {env.get('torch_npu')}, CANN {env.get('cann')}" if run.device.type == "npu" else "")
     )
     print()
     print(deviation.markdown(report))
-    if args.json:
-        cli.write_json(
-            args.json,
+    if out:
+        out.finish(
             {
                 "report": report,
-                "inputs": {"random": args.samples, "seed": args.seed, "real": real, "unreadable": failed},
+                "inputs": {"random": args.samples, "seed": args.seed, "real": real, "unreadable": failures.count},
                 "reference": {"device": "cpu", "dtype": "float32", "fp32_mode": "ieee", "module": "published, BatchNorm not folded"},
-                "target": {"device": str(device), "fp32_mode": mode, **target.settings},
-                "checkpoint": str(checkpoint),
+                "target": {"device": str(run.device), "fp32_mode": run.fp32_mode, **s},
+                "checkpoint": str(run.checkpoint),
                 "environment": env,
-            },
+            }
         )
     return cli.EXIT_FAILED if report["verdict"] == "FAIL" else 0
 

@@ -3,6 +3,8 @@ sets them), a checkpoint of random weights made here, and a runner for the real 
 
 from __future__ import annotations
 
+import svhn  # noqa: F401  (first, as in every script: keeps torch_npu from loading itself at `import torch`)
+
 import json
 import os
 import subprocess
@@ -12,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from model import SVHNModel
 
-from model import SVHNModel  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env_path(name: str, what: str) -> Path:

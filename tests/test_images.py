@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from images import (
+from svhn.images import (
     ImageError,
     digit_crop,
     digit_crop_box,

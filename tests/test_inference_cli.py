@@ -19,8 +19,10 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, assert_no_traceback, random_model, run_cli
-from images import preprocess
-from model import Recognizer, decode, load_model
+from model import decode
+from svhn.checkpoints import load_model
+from svhn.images import preprocess
+from svhn.recognizer import Recognizer
 
 SHARED_README_ROW = re.compile(r"^\|\s*(\S+\.png)\s*\|\s*(\d*)\s*\|\s*(\d*)\s*\|\s*([\d.]+)\s*\|$")
 
@@ -178,7 +180,8 @@ def test_unreadable_folder(random_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--workers", "-1"], "argument --workers: must be at least 1, got -1"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--dtype", "float64"], "invalid choice"),
         (["--checkpoint", "/nonexistent/model-1.pth"], "no such file or folder"),
@@ -280,8 +283,16 @@ def test_a_closed_pipe_ends_quietly(random_checkpoint):
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
 
 
+def _address_space_of_8_gib() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+
 def test_a_batch_too_large_for_memory_is_one_line(random_checkpoint):
+    # 120,000 images are 4.2 GB of input: more than the 8 GiB of address space left to the
+    # process once torch is loaded, on any host (no reliance on the host refusing a huge request)
     result = run_cli("evaluation/eval_performance.py", "--checkpoint", str(random_checkpoint), "--devices", "cpu",
-                     "--batch-sizes", "2000000", "--warmup", "0", "--runs", "1")
+                     "--batch-sizes", "120000", "--warmup", "0", "--runs", "1", preexec_fn=_address_space_of_8_gib)
     assert_no_traceback(result)
     assert result.returncode == 1 and "out of memory" in result.stderr and "--batch-size" in result.stderr

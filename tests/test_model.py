@@ -11,24 +11,20 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model, run_cli
-from model import (
-    HEAD_CLASSES,
-    NUM_PARAMETERS,
-    CheckpointError,
-    InferenceNet,
-    PackedCpuNet,
-    Recognizer,
-    SVHNModel,
-    checkpoint_in_dir,
-    decode,
-    find_checkpoint,
-    flops_per_image,
-    fold_batchnorm,
-    load_model,
-    load_state_dict,
-)
+from model import HEAD_CLASSES, NUM_PARAMETERS, SVHNModel, decode, flops_per_image
+from svhn.checkpoints import CheckpointError, checkpoint_in_dir, find_checkpoint, load_model, load_state_dict
+from svhn import onednn
+from svhn.recognizer import InferenceNet, Recognizer, fold_batchnorm
 
 POOL_STRIDES = [2, 1, 2, 1, 2, 1, 2, 1]
+
+
+def has_onednn_ops() -> bool:
+    try:
+        onednn.ops()
+        return True
+    except RuntimeError:
+        return False
 
 
 def functional_forward(sd: dict, x: torch.Tensor, three_pools: bool = False) -> list[torch.Tensor]:
@@ -194,7 +190,7 @@ def test_bad_checkpoint_through_test_load_and_inference(tmp_path, model):
 def test_test_load_reports_on_the_stand_in(checkpoint):
     result = run_cli("test_load.py", "--checkpoint", str(checkpoint))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "parameter count: 42,868,734" in result.stdout
+    assert "42,868,734 parameters (published: 42,868,734)" in result.stdout
     assert "5/5 checks passed" in result.stdout
 
 
@@ -248,7 +244,7 @@ def test_folding_changes_nothing_that_the_unfolded_model_reads(model, batch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.skipif(not PackedCpuNet.available(), reason="this torch has no oneDNN")
+@pytest.mark.skipif(not has_onednn_ops(), reason="this torch has no oneDNN")
 def test_packed_cpu_path_equals_the_published_module(model, batch):
     fast = Recognizer(model)
     assert fast.settings["kernels"] == "onednn-packed"
@@ -256,6 +252,39 @@ def test_packed_cpu_path_equals_the_published_module(model, batch):
         expected = model(batch)
     for n in (1, 4):
         assert max_diff(fast.logits(batch[:n]), [t[:n] for t in expected]) < 1e-4
+
+
+def _raises(*args, **kwargs):
+    raise RuntimeError("mkldnn::_convolution_pointwise() expected at most 9 argument(s) but received 10 argument(s)")
+
+
+_CONV_POINTWISE = torch.ops.mkldnn._convolution_pointwise if has_onednn_ops() else None
+
+
+def _channels_swapped(*args, **kwargs):
+    # what a changed weight layout looks like from outside: the right sizes, the wrong channels
+    return _CONV_POINTWISE(*args, **kwargs).flip(1)
+
+
+@pytest.mark.skipif(not has_onednn_ops(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize(
+    "break_it, why",
+    [
+        (lambda mp: mp.delattr(torch._C._nn, "mkldnn_linear"), "has no oneDNN op mkldnn_linear"),
+        (lambda mp: mp.setattr(torch.ops.mkldnn, "_convolution_pointwise", _raises), "RuntimeError: mkldnn::_convolution_pointwise() expected"),
+        (lambda mp: mp.setattr(torch.ops.mkldnn, "_convolution_pointwise", _channels_swapped), "its output disagrees with the plain network"),
+    ],
+    ids=["missing-op", "changed-op", "wrong-numbers"],
+)
+def test_packed_cpu_path_falls_back_when_its_private_ops_fail(model, batch, monkeypatch, break_it, why):
+    """torch's private oneDNN ops missing, with another schema, or computing something else:
+    the recognizer notices while it is built, says why, and runs the channels_last eager path."""
+    break_it(monkeypatch)
+    fast = Recognizer(model)
+    assert fast.settings["kernels"] == "eager" and fast.settings["memory_format"] == "channels_last"
+    assert len(fast.notes) == 1 and why in fast.notes[0] and "oneDNN-packed CPU path not used" in fast.notes[0]
+    with torch.inference_mode():
+        assert max_diff(fast.logits(batch), model(batch)) < 1e-4
 
 
 @pytest.mark.parametrize("options", [{"fold": False}, {"channels_last": False}, {"channels_last": True, "fold": True}])

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from svhn.text import one_line
+
 CANN_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FP32_MODES = ("default", "strict", "fast")
@@ -39,21 +41,26 @@ class DeviceError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
+# The CANN libraries torch_npu's extension links against (readelf -d on torch_npu 2.13.0's
+# _C and lib/libtorch_npu.so); each is found through LD_LIBRARY_PATH, which set_env.sh sets.
+CANN_LIBRARIES = ("libascendcl.so", "libhccl.so", "libacl_op_compiler.so", "libge_runner.so", "libgraph.so")
+
+
 def _torch_npu_problem() -> str | None:
-    """Why torch_npu cannot be imported, found without importing it (its import prints a
-    traceback and exits the process when CANN is missing), or None when it looks usable."""
+    """Why torch_npu cannot be imported, found without importing it, or None when it looks usable."""
     if importlib.util.find_spec("torch_npu") is None:
         return "torch_npu is not installed: pip install torch-npu==<the version that pairs with your torch> (see README, 'Ascend set-up')"
     try:
         npu_version = importlib.metadata.version("torch_npu")
     except importlib.metadata.PackageNotFoundError:
         npu_version = None
-    if npu_version and _release(npu_version) != _release(torch.__version__):
+    if npu_version and release(npu_version) != release(torch.__version__):
         return (
-            f"torch_npu {npu_version} pairs with torch {_release(npu_version)}, but torch {torch.__version__} "
-            f"is installed: pip install torch=={_release(npu_version)} (or the torch-npu release for your torch)"
+            f"torch_npu {npu_version} pairs with torch {release(npu_version)}, but torch {torch.__version__} "
+            f"is installed: install torch {release(npu_version)} (x86_64: torch=={release(npu_version)}+cpu from "
+            "PyTorch's CPU wheel index), or the torch-npu release for your torch (README, 'Ascend set-up')"
         )
-    for lib in ("libascendcl.so", "libhccl.so"):
+    for lib in CANN_LIBRARIES:
         try:
             ctypes.CDLL(lib)
         except OSError:
@@ -61,7 +68,7 @@ def _torch_npu_problem() -> str | None:
     return None
 
 
-def _release(version: str) -> str:
+def release(version: str) -> str:
     """'2.6.0.post3' and '2.6.0+cpu' both pair as '2.6.0'."""
     m = re.match(r"(\d+\.\d+(?:\.\d+)?)", version)
     return m.group(1) if m else version
@@ -74,22 +81,15 @@ def import_torch_npu():
     problem = _torch_npu_problem()
     if problem:
         raise DeviceError(problem)
-    captured = StringIO()
+    captured = StringIO()  # torch_npu prints its own warnings and tracebacks while it fails
     try:
         with redirect_stderr(captured), redirect_stdout(captured):
             return importlib.import_module("torch_npu")
-    except SystemExit:  # torch_npu exits after printing its own traceback when CANN is missing
-        raise DeviceError(f"torch_npu could not start, CANN is not set up: run `{CANN_ENV}` first") from None
-    except Exception as e:
-        text = str(e)
-        if "undefined symbol" in text:
-            raise DeviceError(
-                f"torch_npu was built for another torch than {torch.__version__} ({text.splitlines()[0][:120]}): "
-                "install the torch and torch-npu versions that pair (README, 'Ascend set-up')"
-            ) from None
-        if ".so" in text:
-            raise DeviceError(f"torch_npu could not load a CANN library ({text.splitlines()[0][:120]}): run `{CANN_ENV}` first") from None
-        raise DeviceError(f"torch_npu failed to import: {type(e).__name__}: {text.splitlines()[0][:200] if text else ''}") from None
+    except (Exception, SystemExit) as e:  # any failure of a third-party import means "no NPU"
+        raise DeviceError(
+            f"torch_npu failed to import ({type(e).__name__}: {one_line(e, 160)}): check that CANN is set up "
+            f"(`{CANN_ENV}`) and that torch_npu pairs with torch {torch.__version__} (README, 'Ascend set-up')"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,12 +141,6 @@ def _visible_env(kind: str) -> str:
     return "ASCEND_RT_VISIBLE_DEVICES" if kind == "npu" else "CUDA_VISIBLE_DEVICES"
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise DeviceError(f"unknown dtype '{name}': use {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def accelerator(device: torch.device):
     """torch.npu / torch.cuda for an accelerator, None for the CPU."""
     return None if device.type == "cpu" else torch.get_device_module(device.type)
@@ -190,37 +184,74 @@ def cpu_model() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _fp32_switches(device: torch.device) -> dict[str, tuple[object, str, str]]:
-    """op kind -> (object, attribute, name of the reduced format) for this device's switches."""
-    if device.type == "cuda":
+class Fp32Switch:
+    """One reduced-precision switch for fp32 work ('conv' or 'matmul') on one device type."""
+
+    def __init__(self, reduced: str, get: Callable[[], bool], set: Callable[[bool], None]) -> None:
+        self.reduced, self.get, self.set = reduced, get, set
+
+
+def _precision_switch(chain: list[object]) -> Fp32Switch:
+    """torch >= 2.9's fp32_precision settings: the first object's own value, else its parents'
+    ('none' means inherit); 'none' all the way up is the old default, given by the last entry."""
+    *objects, default = chain
+
+    def get() -> bool:
+        for obj in objects:
+            value = getattr(obj, "fp32_precision", "none")
+            if value != "none":
+                return value == "tf32"
+        return default
+
+    def set(on: bool) -> None:
+        objects[0].fp32_precision = "tf32" if on else "ieee"
+
+    return Fp32Switch("tf32", get, set)
+
+
+def _flag_switch(obj: object, attr: str, reduced: str) -> Fp32Switch:
+    return Fp32Switch(reduced, lambda: bool(getattr(obj, attr)), lambda on: setattr(obj, attr, on))
+
+
+def cuda_fp32_switches() -> dict[str, Fp32Switch]:
+    """TF32 switches for CUDA: the fp32_precision API where torch has it (the old allow_tf32
+    flags warn there, and reading them raises once anything used the new API), else the flags."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         return {
-            "conv": (torch.backends.cudnn, "allow_tf32", "tf32"),
-            "matmul": (torch.backends.cuda.matmul, "allow_tf32", "tf32"),
+            "conv": _precision_switch([torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends, True]),
+            "matmul": _precision_switch([torch.backends.cuda.matmul, torch.backends, False]),
         }
+    return {
+        "conv": _flag_switch(torch.backends.cudnn, "allow_tf32", "tf32"),
+        "matmul": _flag_switch(torch.backends.cuda.matmul, "allow_tf32", "tf32"),
+    }
+
+
+def fp32_switches(device: torch.device) -> dict[str, Fp32Switch]:
+    """op kind -> switch, for the reduced fp32 formats this device really has (none on the CPU,
+    none on CUDA GPUs before Ampere, which have no TF32)."""
+    if device.type == "cuda":
+        return cuda_fp32_switches() if torch.cuda.get_device_capability(device) >= (8, 0) else {}
     mod = accelerator(device)
     if mod is not None and hasattr(mod, "conv") and hasattr(mod, "matmul"):
-        return {"conv": (mod.conv, "allow_hf32", "hf32"), "matmul": (mod.matmul, "allow_hf32", "hf32")}
+        return {"conv": _flag_switch(mod.conv, "allow_hf32", "hf32"), "matmul": _flag_switch(mod.matmul, "allow_hf32", "hf32")}
     return {}
 
 
-def set_fp32_mode(device: torch.device, mode: str = "default") -> dict[str, str]:
+def apply_fp32_mode(switches: dict[str, Fp32Switch], mode: str = "default") -> dict[str, str]:
     """default: the device's own defaults (CUDA and Ascend convolutions in TF32/HF32, matrix
     products in IEEE fp32); strict: IEEE fp32 everywhere; fast: TF32/HF32 everywhere.
     Returns what is now in effect, e.g. {"conv": "hf32", "matmul": "ieee"}."""
     if mode not in FP32_MODES:
         raise DeviceError(f"unknown fp32 mode '{mode}': use {', '.join(FP32_MODES)}")
-    switches = _fp32_switches(device)
     if mode != "default":
-        for obj, attr, _ in switches.values():
-            setattr(obj, attr, mode == "fast")
-    return fp32_mode(device)
+        for switch in switches.values():
+            switch.set(mode == "fast")
+    return {kind: (switches[kind].reduced if kind in switches and switches[kind].get() else "ieee") for kind in ("conv", "matmul")}
 
 
-def fp32_mode(device: torch.device) -> dict[str, str]:
-    switches = _fp32_switches(device)
-    if not switches:
-        return {"conv": "ieee", "matmul": "ieee"}
-    return {kind: (name if getattr(obj, attr) else "ieee") for kind, (obj, attr, name) in switches.items()}
+def set_fp32_mode(device: torch.device, mode: str = "default") -> dict[str, str]:
+    return apply_fp32_mode(fp32_switches(device), mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,27 +259,34 @@ def fp32_mode(device: torch.device) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def compile_module(module: torch.nn.Module, device: torch.device, notes: list[str]) -> tuple[torch.nn.Module, str]:
-    """Graph capture where the device has it: torchair / npugraph_ex on Ascend, torch.compile
-    with CUDA graphs on CUDA, torch.compile with frozen weights on the CPU. Returns the module
-    and the graph mode used; falls back to eager with a note where capture is not available."""
+def compile_module(module: torch.nn.Module, device: torch.device, example: torch.Tensor) -> tuple[torch.nn.Module, str]:
+    """Graph capture where the device has it: npugraph_ex or torchair on Ascend, torch.compile
+    with CUDA graphs on CUDA, torch.compile with frozen weights on the CPU.
+
+    torch.compile is lazy: a backend fails at the first call, not here. So the compiled module is
+    called once on `example` (a prepared batch) before it is returned. Inductor options go to this
+    one compile (options=), never into the process-wide config. Raises DeviceError with the reason
+    when graph mode cannot be had; the caller runs eager."""
     try:
         if device.type == "npu":
             if "npugraph_ex" in torch._dynamo.list_backends(exclude_tags=()):
-                return torch.compile(module, backend="npugraph_ex", dynamic=False), "npugraph_ex"
-            import torchair
+                compiled, mode = torch.compile(module, backend="npugraph_ex", dynamic=False), "npugraph_ex"
+            else:
+                import torchair
 
-            backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
-            return torch.compile(module, backend=backend, dynamic=False), "torchair"
-        if device.type == "cuda":
-            return torch.compile(module, mode="reduce-overhead", dynamic=False), "torch.compile+cudagraphs"
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True  # weights become constants: prepacked for oneDNN
-        return torch.compile(module, dynamic=False), "torch.compile(freezing)"
-    except Exception as e:  # no torchair, no compiler backend: eager still works
-        notes.append(f"graph mode not available on {device} ({type(e).__name__}: {str(e)[:120]}); running eager")
-        return module, "eager"
+                backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
+                compiled, mode = torch.compile(module, backend=backend, dynamic=False), "torchair"
+        elif device.type == "cuda":
+            compiled, mode = torch.compile(module, dynamic=False, options={"triton.cudagraphs": True}), "torch.compile+cudagraphs"
+        else:
+            # frozen weights become constants, which inductor prepacks for oneDNN
+            compiled, mode = torch.compile(module, dynamic=False, options={"freezing": True}), "torch.compile(freezing)"
+        with torch.inference_mode():
+            compiled(example)
+        synchronize(device)
+        return compiled, mode
+    except Exception as e:  # no torchair, no C++ compiler, a backend bug: eager still works
+        raise DeviceError(f"graph mode failed on {device} ({type(e).__name__}: {one_line(e, 160)}); running eager") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,15 +348,31 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def cann_version() -> str | None:
-    roots = [os.environ.get("ASCEND_TOOLKIT_HOME"), os.environ.get("ASCEND_HOME_PATH"), "/usr/local/Ascend/ascend-toolkit/latest"]
+def cann_version(roots: list[str | os.PathLike] | None = None) -> str | None:
+    """The CANN release (e.g. '8.0.0', '8.1.RC1'), not a component's version.
+
+    torch_npu's own get_cann_version() when torch_npu is loaded and knows it (it returns '' for
+    CANN < 8.1.RC1); else the `version=` line of the toolkit's ascend_toolkit_install.info, which
+    CANN writes at <toolkit>/latest/<arch>-linux/ (and some releases at the toolkit's top)."""
+    npu = sys.modules.get("torch_npu")
+    getter = getattr(getattr(npu, "npu", None), "get_cann_version", None) if npu else None
+    if getter is not None:
+        try:
+            found = getter()
+        except Exception:  # an old torch_npu, or no driver: the file below still tells
+            found = ""
+        if found:
+            return str(found)
+    if roots is None:
+        roots = [os.environ.get("ASCEND_TOOLKIT_HOME"), os.environ.get("ASCEND_HOME_PATH"), "/usr/local/Ascend/ascend-toolkit/latest"]
     for root in filter(None, roots):
-        for name in ("version.cfg", "compiler/version.info", "runtime/version.info"):
+        root = Path(root)
+        for info in [root / "ascend_toolkit_install.info", *sorted(root.glob("*-linux/ascend_toolkit_install.info"))]:
             try:
-                text = (Path(root) / name).read_text()
+                text = info.read_text(errors="replace")
             except OSError:
                 continue
-            m = re.search(r"(?:^|\n)\s*(?:version|Version)\s*=\s*([^\s\]]+)", text)
+            m = re.search(r"^\s*version\s*=\s*(\S+)", text, re.MULTILINE)
             if m:
                 return m.group(1)
     return None

@@ -10,7 +10,8 @@ from __future__ import annotations
 import glob
 import io
 import os
-import struct
+import stat
+import sys
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +22,23 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from svhn.text import one_line, printable
+
 RESIZE = 64
 CROP = 54
 CROP_OFFSET = int(round((RESIZE - CROP) / 2.0))  # 5, as torchvision's CenterCrop computes it
 MEAN = STD = 0.5
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own bomb limit (about 89 megapixels)
+
+
+STDIN = "-"  # an input spec that means: one image from standard input
+
+# Pillow warns (instead of refusing) between MAX_IMAGE_PIXELS and twice that, from inside
+# Image.open. open_image refuses those images itself from the header's size, before decoding, so
+# Pillow's warning says nothing new. The filter is installed once, here: toggling it per image
+# with warnings.catch_warnings() is not thread-safe, and the loader decodes on several threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageError(Exception):
@@ -38,44 +50,59 @@ class ImageError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
+def _stream(source: str | os.PathLike | bytes, name: str):
+    """What Image.open reads: the bytes, or a path checked with stat() first (a FIFO or device
+    would block or never end, a folder is no image)."""
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageError(f"{name}: empty file")
+        return io.BytesIO(source)
+    if os.fspath(source) == STDIN:
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise ImageError(f"{name}: empty input on standard input")
+        return io.BytesIO(data)
+    try:
+        info = os.stat(source)
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except OSError as e:  # permission denied on a folder on the way, a symbolic link loop, ...
+        raise ImageError(f"{name}: {(e.strerror or one_line(e)).lower()}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"{name}: is a folder, not an image")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{name}: not a regular file (a FIFO, socket or device), not read")
+    if info.st_size == 0:
+        raise ImageError(f"{name}: empty file")
+    return source
+
+
 def open_image(source: str | os.PathLike | bytes | Image.Image, name: str | None = None) -> Image.Image:
-    """An RGB PIL image from a path, raw bytes or a PIL image, upright per its EXIF orientation."""
+    """An RGB PIL image from a path ('-': standard input), raw bytes or a PIL image, upright per
+    its EXIF orientation. Images over MAX_PIXELS are refused from their header, before decoding."""
     if isinstance(source, Image.Image):
         return to_rgb(ImageOps.exif_transpose(source))
-    name = name or ("<bytes>" if isinstance(source, (bytes, bytearray)) else str(source))
+    name = name or ("<bytes>" if isinstance(source, (bytes, bytearray)) else printable(source))
     try:
-        if isinstance(source, (bytes, bytearray)):
-            if not source:
-                raise ImageError(f"{name}: empty file")
-            stream = io.BytesIO(source)
-        else:
-            path = Path(source)
-            if path.is_dir():
-                raise ImageError(f"{name}: is a folder, not an image")
-            if path.is_file() and path.stat().st_size == 0:
-                raise ImageError(f"{name}: empty file")
-            stream = path
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse both.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(stream) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return to_rgb(img)
+        with Image.open(_stream(source, name)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"{name}: refused, {img.width}x{img.height} is more than {MAX_PIXELS:,} pixels (a possible decompression bomb)")
+            img.load()
+            return to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except PermissionError:
         raise ImageError(f"{name}: permission denied") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(
-            f"{name}: refused, more than {MAX_PIXELS:,} pixels (a possible decompression bomb)"
-        ) from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: refused, more than {2 * MAX_PIXELS:,} pixels (a possible decompression bomb)") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image, or a format Pillow cannot read") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-        raise ImageError(f"{name}: truncated or corrupt image ({_one_line(e)})") from None
+    except MemoryError:
+        raise ImageError(f"{name}: does not fit in memory") from None
+    except Exception as e:  # a corrupt file makes Pillow's decoders raise many kinds
+        raise ImageError(f"{name}: truncated or corrupt image ({type(e).__name__}: {one_line(e, 160)})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -94,20 +121,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:160] if lines else type(e).__name__
-
-
 # --------------------------------------------------------------------------------------------
 # The published preprocessing
 # --------------------------------------------------------------------------------------------
 
 
-def resize_and_crop(img: Image.Image, resample: int = Image.BILINEAR) -> np.ndarray:
+def resize_and_crop(img: Image.Image, resample: int = Image.BILINEAR, size: int = CROP) -> np.ndarray:
     """64x64 resize then the central 54x54, as uint8 H x W x 3 (torchvision's Resize([64, 64])
-    and CenterCrop([54, 54]) on a PIL image do exactly these two calls)."""
+    and CenterCrop([54, 54]) on a PIL image do exactly these two calls); size=RESIZE stops
+    before the crop."""
     small = img.resize((RESIZE, RESIZE), resample)
+    if size == RESIZE:
+        return np.array(small, dtype=np.uint8)
     box = (CROP_OFFSET, CROP_OFFSET, CROP_OFFSET + CROP, CROP_OFFSET + CROP)
     return np.array(small.crop(box), dtype=np.uint8)  # a writable copy, for torch.from_numpy
 
@@ -128,9 +153,14 @@ def to_tensor(arrays: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
     return t.sub(mean).div(std)
 
 
+def photo_input(source: str | os.PathLike | bytes | Image.Image) -> np.ndarray:
+    """The 54x54x3 uint8 crop of a whole photo, as the published demo prepares it."""
+    return resize_and_crop(open_image(source))
+
+
 def preprocess(source: str | os.PathLike | bytes | Image.Image) -> torch.Tensor:
     """The network's input (3 x 54 x 54, float32) for one image, as the published demo makes it."""
-    return to_tensor(resize_and_crop(open_image(source)))
+    return to_tensor(photo_input(source))
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,10 +191,31 @@ def digit_crop_box(boxes: Iterable[Sequence[float]]) -> tuple[int, int, int, int
     return crop_left, crop_top, crop_left + crop_size, crop_top + crop_size
 
 
-def digit_crop(img: Image.Image, boxes: Iterable[Sequence[float]]) -> np.ndarray:
+def digit_crop(img: Image.Image, boxes: Iterable[Sequence[float]], size: int = CROP) -> np.ndarray:
     """The network's 54x54 uint8 input for an image with digit boxes: crop (Pillow pads outside
     the image with black), bicubic resize to 64x64 (Image.resize's default), centre crop."""
-    return resize_and_crop(img.crop(digit_crop_box(boxes)), Image.BICUBIC)
+    return resize_and_crop(img.crop(digit_crop_box(boxes)), Image.BICUBIC, size)
+
+
+def labelled_crop(path: str | os.PathLike, boxes: Sequence[Sequence[float]] | None, size: int = CROP) -> np.ndarray:
+    """The uint8 size x size x 3 input for a labelled photo: the published box crop when it has
+    digit boxes, else the whole image as inference.py reads it (size=RESIZE keeps the whole 64x64,
+    inside which training crops at random). Boxes with no area, outside the image, or so large
+    that the crop would dwarf the image are refused with ImageError."""
+    name = printable(path)
+    img = open_image(path, name=name)
+    if not boxes:
+        return resize_and_crop(img, size=size)
+    w, h = img.size
+    for left, top, bw, bh in boxes:
+        if bw <= 0 or bh <= 0:
+            raise ImageError(f"{name}: a digit box has no area ({left}, {top}, {bw}, {bh})")
+        if left >= w or top >= h or left + bw <= 0 or top + bh <= 0:
+            raise ImageError(f"{name}: a digit box lies outside the {w}x{h} image ({left}, {top}, {bw}, {bh})")
+    left, _, right, _ = digit_crop_box(boxes)
+    if right - left > 4 * max(w, h):  # Pillow would allocate a huge black canvas around the photo
+        raise ImageError(f"{name}: the digit boxes give a {right - left}-pixel crop for a {w}x{h} image; boxes far larger than the image")
+    return digit_crop(img, boxes, size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,16 +224,18 @@ def digit_crop(img: Image.Image, boxes: Iterable[Sequence[float]]) -> np.ndarray
 
 
 def expand_inputs(specs: Iterable[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (their images, sorted, not recursive) and globs to a list of image paths,
-    plus one error line for each spec that gives nothing. A file named explicitly is always
-    tried, whatever its suffix; in a folder only image suffixes are taken."""
+    """Files, folders (their images, sorted, not recursive, hidden files skipped), globs and '-'
+    (standard input) to a list of image paths, plus one error line for each spec that gives
+    nothing. A file named explicitly is always tried, whatever its suffix."""
     paths: list[Path] = []
     errors: list[str] = []
     for spec in specs:
-        if any(ch in spec for ch in "*?[") and not os.path.exists(spec):
+        if spec == STDIN:
+            paths.append(Path(STDIN))
+        elif any(ch in spec for ch in "*?[") and not os.path.exists(spec):
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
-                errors.append(f"{spec}: no file matches this pattern")
+                errors.append(_no_match(spec))
             for m in matches:
                 if os.path.isdir(m):
                     found, errs = _images_in(Path(m))
@@ -199,16 +252,27 @@ def expand_inputs(specs: Iterable[str]) -> tuple[list[Path], list[str]]:
     return paths, errors
 
 
+def _no_match(pattern: str) -> str:
+    """Why a glob matched nothing: glob() is silent about a folder it may not read."""
+    folder = Path(pattern)
+    while folder != folder.parent and (any(ch in str(folder) for ch in "*?[") or not folder.exists()):
+        folder = folder.parent
+    if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+        return f"{printable(folder)}: folder cannot be read (permission denied), so {printable(pattern)} matches nothing"
+    return f"{printable(pattern)}: no file matches this pattern"
+
+
 def _images_in(folder: Path) -> tuple[list[Path], list[str]]:
     try:
         entries = sorted(folder.iterdir())
     except PermissionError:
-        return [], [f"{folder}: folder cannot be read (permission denied)"]
+        return [], [f"{printable(folder)}: folder cannot be read (permission denied)"]
     except OSError as e:
-        return [], [f"{folder}: folder cannot be read ({_one_line(e)})"]
-    found = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
+        return [], [f"{printable(folder)}: folder cannot be read ({one_line(e)})"]
+    # hidden files (macOS's ._* resource forks, .DS_Store) are no photos
+    found = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and not p.is_dir()]
     if not found:
-        return [], [f"{folder}: no images in this folder"]
+        return [], [f"{printable(folder)}: no images in this folder"]
     return found, []
 
 
@@ -220,19 +284,20 @@ def load_ahead(
     load(item) returns a 54x54x3 uint8 array or raises ImageError. Decoding runs on `workers`
     threads (Pillow releases the GIL) up to two batches ahead, so the device is not kept waiting.
     """
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: deque = deque()
-        it = iter(items)
-        window = 2 * batch_size + workers
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    pending: deque = deque()
+    it = iter(items)
+    window = 2 * batch_size + workers
 
-        def fill() -> None:
-            while len(pending) < window:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-                pending.append((item, pool.submit(_try_load, load, item)))
+    def fill() -> None:
+        while len(pending) < window:
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            pending.append((item, pool.submit(_try_load, load, item)))
 
+    try:
         fill()
         while pending:
             done, arrays, failed = [], [], []
@@ -246,6 +311,8 @@ def load_ahead(
                     failed.append((item, error))
                 fill()
             yield done, (to_tensor(arrays) if arrays else None), failed
+    finally:  # Ctrl-C or a closed pipe: drop what is queued instead of decoding it first
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _try_load(load: Callable, item: object) -> tuple[np.ndarray | None, str | None]:
