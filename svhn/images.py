@@ -39,6 +39,9 @@ STDIN = "-"  # an input spec that means: one image from standard input
 # Pillow's warning says nothing new. The filter is installed once, here: toggling it per image
 # with warnings.catch_warnings() is not thread-safe, and the loader decodes on several threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Pillow's plug-ins also warn about damaged metadata (TIFF tags, EXIF) as two raw lines each; the
+# image is then read or refused all the same, and a refusal is reported in one line.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 class ImageError(Exception):

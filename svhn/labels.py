@@ -137,14 +137,15 @@ def read_labels_file(path: Path) -> tuple[list[Record], list[str], list[str]]:
         entries = rows
     records, errors, seen, numeric = [], [], {}, 0
     for i, entry in enumerate(entries):
-        where = f"{printable(path)}: entry {i + 1}"
+        file = entry.get("file") if isinstance(entry, dict) else None
+        where = f"{printable(path)}: entry {i + 1}" + (f" ({printable(file)})" if isinstance(file, str) else "")
         try:
             record, was_number = _record(entry)
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             errors.append(f"{where} left out: {one_line(e, 160)}")
             continue
         if record.file in seen:
-            errors.append(f"{where} left out: a second label for {printable(record.file)} (first at entry {seen[record.file]})")
+            errors.append(f"{where} left out: a second label for this file (first at entry {seen[record.file]})")
             continue
         seen[record.file] = i + 1
         numeric += was_number
@@ -168,13 +169,13 @@ def _record(entry: object) -> tuple[Record, bool]:
     was_number = isinstance(raw, int) and not isinstance(raw, bool)
     number = str(raw).strip() if isinstance(raw, (str, int)) and not isinstance(raw, bool) else ""
     if not number.isascii() or not number.isdigit():
-        raise ValueError(f"{file}: the label must be a string of digits, got {raw!r}"[:160])
+        raise ValueError(f"the label must be a string of digits, got {raw!r}"[:160])
     boxes = entry.get("boxes")
     if isinstance(boxes, str):
         boxes = json.loads(boxes) if boxes.strip() else None
     if boxes is not None:
         if not isinstance(boxes, list) or not all(isinstance(b, list) for b in boxes):
-            raise ValueError(f"{file}: boxes must be a list of [left, top, width, height]")
+            raise ValueError("boxes must be a list of [left, top, width, height]")
         boxes = [[float(v) for v in box] for box in boxes]
         _check_boxes(boxes, len(number))
     return Record(file, [int(c) for c in number], boxes), was_number

@@ -70,14 +70,14 @@ def random_checkpoint(tmp_path_factory) -> Path:
 
 
 def run_cli(
-    script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, prefix: tuple = (), **kwargs
+    script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, prefix: tuple = (), timeout: float = 600, **kwargs
 ) -> subprocess.CompletedProcess:
     """Run one of the project's scripts (a path relative to the repository) in a fresh Python,
     as a user would; `prefix` is a command that wraps it (setpriv, say)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [*prefix, sys.executable, str(ROOT / script), *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, **kwargs,
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs,
     )
 
 

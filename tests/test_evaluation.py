@@ -271,7 +271,16 @@ def test_eval_accuracy_end_to_end(checkpoint, svhn_folder, tmp_path):
     assert data["accuracy_strict"] <= data["accuracy"]
     assert sum(v["images"] for v in data["accuracy_by_length"].values()) == scored
     assert "most confident first" in result.stdout
-    assert Image.open(sheet).size[0] > 0
+    # the sheet shows the three most confident misreads, each the crop that was read, at 2x
+    misread = sorted((p for p in data["images"] if not p["correct"]), key=lambda p: -p["confidence"])[:3]
+    assert len(misread) == 3
+    picture = Image.open(sheet).convert("RGB")
+    assert picture.size == (3 * 120, 150)
+    boxes = {name: b for name, _, b in good}
+    for i, p in enumerate(misread):
+        want = Image.fromarray(independent_crop(Image.open(folder / p["file"]), boxes[p["file"]])).resize((108, 108), Image.NEAREST)
+        cell = picture.crop((i * 120 + 6, 4, i * 120 + 6 + 108, 4 + 108))
+        assert np.array_equal(np.asarray(cell), np.asarray(want)), p["file"]
 
 
 def test_eval_accuracy_without_boxes_reads_whole_images(checkpoint, svhn_folder, tmp_path):
