@@ -3,6 +3,7 @@
 
     python inference.py --image photo.jpg more/ 'shots/*.png' --device npu
     python inference.py --compare --device npu            # NPU against the CPU fp32 reference
+    python inference.py --onnx svhn.onnx --compare        # the exported file under ONNX Runtime
     cat photo.jpg | python inference.py --image - --json  # '-' reads one image from stdin
 
 One line per image on stdout: `path  number  confidence` (number '-' when nothing was read).
@@ -29,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--image", nargs="+", metavar="PATH", help="image files, folders, globs, '-' for stdin (default: the bundled examples/)")
     cli.add_loader_args(group, batch_size=16)
     cli.add_model_args(parser)
+    cli.add_onnx_arg(parser)
     cli.add_device_args(parser)
     group = parser.add_argument_group("output")
     group.add_argument("--json", nargs="?", const="-", metavar="FILE", help="stream a JSON list, one object per image, to FILE (default: stdout)")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     paths, problems = expand_inputs(args.image or [shown(cli.EXAMPLES)])
     failures = cli.Failures(problems)
     out = cli.JsonOutput(args.json, items_key="images" if args.compare else None) if args.json else None
-    run = cli.setup(args)
+    run = cli.setup(args, need_model=args.compare)
     comparison = Comparison(run.model, run.recognizer) if args.compare else None
     print(run.header(args.dtype), file=sys.stderr)
 

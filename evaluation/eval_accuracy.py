@@ -158,6 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--limit", type=cli.positive_int, default=None, help="score only the first N labelled images")
     cli.add_loader_args(group, batch_size=64)
     cli.add_model_args(parser)
+    cli.add_onnx_arg(parser)
     cli.add_device_args(parser)
     group = parser.add_argument_group("output")
     group.add_argument("--json", metavar="FILE", help="stream every image scored, then the report, to FILE ('-': stdout)")

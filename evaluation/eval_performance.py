@@ -3,22 +3,20 @@
 
     python evaluation/eval_performance.py                          # CPU and the accelerator, if any
     python evaluation/eval_performance.py --devices cpu npu --batch-sizes 1 4 8 16 64 --json perf.json
-    python evaluation/eval_performance.py --devices cpu --cpu-roofline --vs-onnxruntime
+    python evaluation/eval_performance.py --devices cpu --cpu-roofline --onnx svhn.onnx
 
 Per device and batch size: the first call is timed alone (cold start: NPUs compile per shape),
 then --warmup untimed calls, then --runs timed calls with the device synchronised around each
 (device events on accelerators). The timed region is the forward pass on a batch already on the
-device; `e2e` adds the copy in and the logits' copy back. --cpu-roofline measures the two CPU
-targets (see README) in one run; --vs-onnxruntime times ONNX Runtime on the same network.
+device; `e2e` adds the copy in and the logits' copy back. --cpu-roofline measures the CPU's fp32
+peak and the default path against it in one run; --onnx FILE adds the exported file under ONNX
+Runtime (its execution provider named) as one more target.
 """
 
 import svhn  # noqa: F401  (first: keeps torch_npu from loading itself at `import torch`)
 
 import argparse
-import contextlib
-import io
 import sys
-import warnings
 
 import numpy as np
 import torch
@@ -28,7 +26,8 @@ from tqdm import tqdm
 from model import CHANNELS, INPUT_SIZE, POOL_STRIDES, SVHNModel, WeightsError, flops_per_image
 from svhn import cli, devices
 from svhn.checkpoints import find_checkpoint
-from svhn.recognizer import InferenceNet, Recognizer
+from svhn.onnx_model import OnnxError, OnnxRecognizer
+from svhn.recognizer import Recognizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,8 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cpu-roofline", action="store_true",
         help="the CPU in one run: default path vs plain eager NCHW at batch 1, and at batch 16 against the machine's measured fp32 peak",
     )
-    group.add_argument("--vs-onnxruntime", action="store_true", help="also time ONNX Runtime (CPU) on the same network, when installed")
     cli.add_model_args(parser)
+    cli.add_onnx_arg(parser)
     cli.add_device_args(parser)
     parser.add_argument("--json", metavar="FILE", help="write every figure, the machine and the settings here")
     args = parser.parse_args(argv)
@@ -167,48 +166,6 @@ def cpu_roofline(model: SVHNModel, runs: int) -> dict:
     }
 
 
-def onnxruntime_rows(model: SVHNModel, batch_sizes: list[int], warmup: int, runs: int) -> list[dict] | str:
-    """ONNX Runtime on the CPU running the same (folded) network, beside our default CPU path."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return "onnxruntime is not installed (pip install onnxruntime onnx)"
-    net = InferenceNet(model)
-    buf = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                net, (torch.randn(1, 3, 54, 54),), buf, dynamo=False, opset_version=17,
-                input_names=["x"], output_names=[f"head{i}" for i in range(6)], dynamic_axes={"x": {0: "n"}},
-            )
-    except Exception as e:  # the exporter's needs (onnx, onnxscript) vary by torch version
-        return f"ONNX export failed ({type(e).__name__}: {str(e)[:120]})"
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    # ORT's threads spin after each run and would steal the cores from torch's turn.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-    ours = Recognizer(model, "cpu")
-    rows = []
-    for bs in batch_sizes:
-        x = torch.rand(bs, 3, 54, 54) * 2 - 1
-        feed = {"x": x.numpy()}
-        for _ in range(warmup):
-            session.run(None, feed)
-        med = interleaved_medians({"ort": lambda: session.run(None, feed), "ours": lambda: ours.run(x)}, runs)
-        rows.append(
-            {
-                "batch_size": bs,
-                "onnxruntime_images_per_s": bs / med["ort"],
-                "ours_images_per_s": bs / med["ours"],
-                "ours_over_onnxruntime": med["ort"] / med["ours"],
-                "onnxruntime": ort.__version__,
-            }
-        )
-    return rows
-
-
 def default_devices(spec: str) -> list[str]:
     """--device auto measures the CPU and the accelerator, if any; another --device, that one."""
     if spec != "auto":
@@ -277,13 +234,6 @@ def markdown(results: dict) -> str:
             )
             + "\n"
         )
-    ort_rows = results.get("onnxruntime")
-    if isinstance(ort_rows, str):
-        out.append(f"ONNX Runtime: {ort_rows}\n")
-    elif ort_rows:
-        out.append("## ONNX Runtime on the CPU, same network (medians of interleaved rounds)\n")
-        rows = [[r["batch_size"], f"{r['onnxruntime_images_per_s']:.1f}", f"{r['ours_images_per_s']:.1f}", f"{r['ours_over_onnxruntime']:.2f}x"] for r in ort_rows]
-        out.append(cli.markdown_table(["batch", "ONNX Runtime images/s", "ours images/s", "ours / ORT"], rows) + "\n")
     return "\n".join(out)
 
 
@@ -300,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": devices.environment(torch.device("cpu")),
         "devices": [],
     }
-    steps = len(targets) * len(args.batch_sizes) * (args.warmup + args.runs)
+    try:
+        onnx_target = OnnxRecognizer(args.onnx) if args.onnx else None
+    except OnnxError as e:
+        cli.die(str(e))
+    steps = (len(targets) + bool(onnx_target)) * len(args.batch_sizes) * (args.warmup + args.runs)
     with tqdm(total=steps, desc="measuring", unit="call", file=sys.stderr, disable=None) as bar:
         for device in targets:
             mode = devices.set_fp32_mode(device, args.fp32_mode)
@@ -315,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
                     "rows": measure_device(rec, args.batch_sizes, args.warmup, args.runs, bar),
                 }
             )
+        if onnx_target:
+            results["devices"].append(
+                {
+                    "device": f"onnxruntime:{onnx_target.provider}",
+                    "device_name": devices.device_name(torch.device("cpu")) if onnx_target.provider == "CPUExecutionProvider" else onnx_target.provider,
+                    "environment": devices.environment(torch.device("cpu")),
+                    "fp32_mode": {"conv": "ieee", "matmul": "ieee"},
+                    "settings": onnx_target.settings,
+                    "rows": measure_device(onnx_target, args.batch_sizes, args.warmup, args.runs, bar),
+                }
+            )
     cpu = next((d for d in results["devices"] if d["device"] == "cpu"), None)
     if cpu:
         results["speedup"] = [
@@ -326,9 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_roofline:
         cli.note("measuring the CPU targets (interleaved rounds)")
         results["cpu_roofline"] = cpu_roofline(model, args.runs)
-    if args.vs_onnxruntime:
-        cli.note("measuring ONNX Runtime")
-        results["onnxruntime"] = onnxruntime_rows(model, args.batch_sizes, args.warmup, args.runs)
     m = results["machine"]
     print(f"# Performance: {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}\n")
     print(f"checkpoint: {checkpoint}; {args.warmup} warm-up and {args.runs} timed calls per batch size\n")

@@ -15,11 +15,9 @@ import svhn  # noqa: F401  (first: keeps torch_npu from loading itself at `impor
 
 import argparse
 
-import torch
-
 from svhn import cli, deviation
 from svhn.devices import environment
-from svhn.images import expand_inputs, photo_input, to_tensor
+from svhn.images import expand_inputs, noise_images, photo_input
 from svhn.recognizer import Comparison
 from svhn.text import shown
 
@@ -32,18 +30,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--images", nargs="*", default=None, help="real images: files, folders, globs (default: examples/)")
     cli.add_loader_args(group, batch_size=16)
     cli.add_model_args(parser)
+    cli.add_onnx_arg(parser)
     cli.add_device_args(parser)
     parser.add_argument("--json", metavar="FILE", help="write every figure, the versions and the settings here")
     args = parser.parse_args(argv)
     if args.samples < 0:
         parser.error("--samples must be >= 0")
     return args
-
-
-def random_images(n: int, seed: int) -> torch.Tensor:
-    """n uint8 54 x 54 RGB images of uniform noise, reproducible from the seed, as network input."""
-    g = torch.Generator().manual_seed(seed)
-    return to_tensor(torch.randint(0, 256, (n, 54, 54, 3), generator=g, dtype=torch.uint8).numpy())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     run = cli.setup(args)
     comparison = Comparison(run.model, run.recognizer)
 
-    noise = random_images(args.samples, args.seed)
+    noise = noise_images(args.samples, args.seed)
     for start in range(0, args.samples, args.batch_size):
         comparison.add(noise[start : start + args.batch_size], [f"random#{i}" for i in range(start, min(start + args.batch_size, args.samples))])
     for done, batch in cli.batches(paths, photo_input, args, failures):

@@ -20,6 +20,7 @@ from model import SVHNModel, WeightsError
 from svhn import devices
 from svhn.checkpoints import find_checkpoint, load_model
 from svhn.images import load_ahead
+from svhn.onnx_model import OnnxError, OnnxRecognizer
 from svhn.recognizer import Recognizer
 from svhn.text import one_line, printable, shown
 
@@ -97,6 +98,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_onnx_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument_group("onnx").add_argument(
+        "--onnx",
+        metavar="FILE.onnx",
+        help="run this exported file (export.py) with ONNX Runtime instead of the PyTorch model; the execution provider "
+        "is the first installed of CANN, CUDA, CPU (the checkpoint is then only the reference of --compare)",
+    )
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("device and precision")
     group.add_argument("--device", default="auto", help="auto, cpu, npu, npu:N, cuda, cuda:N (default: %(default)s)")
@@ -152,23 +162,33 @@ def recognizer(args: argparse.Namespace, model: SVHNModel, device: torch.device)
 
 @dataclass
 class Setup:
-    model: SVHNModel
-    checkpoint: Path
+    model: SVHNModel | None
+    checkpoint: Path | None
     device: torch.device
     fp32_mode: dict
-    recognizer: Recognizer
+    recognizer: Recognizer | OnnxRecognizer
 
     def header(self, dtype: str) -> str:
         s = self.recognizer.settings
+        if isinstance(self.recognizer, OnnxRecognizer):
+            return f"onnx {shown(s['onnx_file'])} (batch {s['batch']}, opset {s['opset']}) | {s['runtime']}, {s['provider']} | float32"
         return (
             f"checkpoint {shown(self.checkpoint)} | device {self.device} ({devices.device_name(self.device)}) | {dtype} | "
             f"fp32 conv {self.fp32_mode['conv']}, matmul {self.fp32_mode['matmul']} | {s['kernels']}, {s['memory_format']}, graph {s['graph_mode']}"
         )
 
 
-def setup(args: argparse.Namespace) -> Setup:
-    """Checkpoint, device, fp32 mode and recognizer as the model and device flags ask; exits
-    with one line when any of them cannot be had."""
+def setup(args: argparse.Namespace, need_model: bool = True) -> Setup:
+    """Checkpoint, device, fp32 mode and recognizer as the model and device flags ask (or the
+    --onnx file, when the PyTorch model is needed only if need_model); exits with one line when
+    any of them cannot be had."""
+    if getattr(args, "onnx", None):
+        model, checkpoint = load_model_or_exit(args.checkpoint) if need_model else (None, None)
+        try:
+            target = OnnxRecognizer(args.onnx)
+        except OnnxError as e:
+            die(str(e))
+        return Setup(model, checkpoint, torch.device("cpu"), {"conv": "ieee", "matmul": "ieee"}, target)
     model, checkpoint = load_model_or_exit(args.checkpoint)
     device = device_or_exit(args.device)
     mode = devices.set_fp32_mode(device, args.fp32_mode)

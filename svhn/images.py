@@ -161,6 +161,12 @@ def photo_input(source: str | os.PathLike | bytes | Image.Image) -> np.ndarray:
     return resize_and_crop(open_image(source))
 
 
+def noise_images(n: int, seed: int) -> torch.Tensor:
+    """n uint8 54 x 54 RGB images of uniform noise, reproducible from the seed, as network input."""
+    g = torch.Generator().manual_seed(seed)
+    return to_tensor(torch.randint(0, 256, (n, CROP, CROP, 3), generator=g, dtype=torch.uint8).numpy())
+
+
 def preprocess(source: str | os.PathLike | bytes | Image.Image) -> torch.Tensor:
     """The network's input (3 x 54 x 54, float32) for one image, as the published demo makes it."""
     return to_tensor(photo_input(source))
