@@ -16,7 +16,6 @@ random inputs, at batch 1, 7 and 64 (dynamic) or the fixed batch. The proof goes
 import svhn  # noqa: F401  (first: keeps torch_npu from loading itself at `import torch`)
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from svhn import cli
 from svhn.devices import environment
+from svhn.distributed import Ranks, launched
 from svhn.images import labelled_crop
 from svhn.labels import MAX_DIGITS, LabelError, Record, find_labels, read_labels
 from svhn.text import printable
@@ -195,40 +196,62 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     if not data.is_dir():
         cli.die(f"{printable(data)}: no such folder")
+    # under torchrun each rank scores every world-th image on its own device, and rank 0 writes
+    # the same report and JSON as one process would
+    ranks = Ranks(args.device) if launched() else None
+    if ranks:
+        args.device = str(ranks.device)
+    main_rank = ranks is None or ranks.main
     labels, usable, left_out = labelled_records(args, data)
     use_boxes = not args.no_boxes
     crop = "boxes" if use_boxes else "whole image"
-    out = cli.JsonOutput(args.json, head={"data": data, "labels": labels, "crop": crop}) if args.json else None
+    out = cli.JsonOutput(args.json, head={"data": data, "labels": labels, "crop": crop}) if args.json and main_rank else None
     run = cli.setup(args)
     rec = run.recognizer
-    print(f"scoring {len(usable)} images of {printable(data)} ({labels.name}) on {run.device} {args.dtype}, {crop}; {run.header(args.dtype)}", file=sys.stderr)
+    if main_rank:
+        print(f"scoring {len(usable)} images of {printable(data)} ({labels.name}) on {ranks.world if ranks else 1} x {run.device} {args.dtype}, "
+              f"{crop}; {run.header(args.dtype)}", file=sys.stderr)
 
-    per_image: list[dict] = []
+    share = list(enumerate(usable))[ranks.rank :: ranks.world] if ranks else list(enumerate(usable))
+    per_image: list[tuple[int, dict]] = []
     crops: dict[str, np.ndarray] = {}
     failures = cli.Failures()
     start, model_seconds = time.perf_counter(), 0.0
 
-    def load(r: Record) -> np.ndarray:
+    def load(item: tuple[int, Record]) -> np.ndarray:
+        r = item[1]
         return labelled_crop(data / r.file, r.boxes if use_boxes else None)
 
-    with out or contextlib.nullcontext(), tqdm(total=len(usable), unit="img", file=sys.stderr, disable=None) as bar:
-        for done, batch in cli.batches(usable, load, args, failures):
+    with out or contextlib.nullcontext(), tqdm(total=len(share), unit="img", file=sys.stderr, disable=None if main_rank else True) as bar:
+        for done, batch in cli.batches(share, load, args, failures):
             t = time.perf_counter()
             readings = rec.read(batch)
             model_seconds += time.perf_counter() - t
-            for r, reading, array in zip(done, readings, as_uint8(batch) if args.sheet else [None] * len(done)):
-                per_image.append(scored(r, reading))
-                if out:
-                    out.add(per_image[-1])
-                if array is not None and not per_image[-1]["correct"]:
+            for (i, r), reading, array in zip(done, readings, as_uint8(batch) if args.sheet else [None] * len(done)):
+                per_image.append((i, scored(r, reading)))
+                if out and not ranks:
+                    out.add(per_image[-1][1])
+                if array is not None and not per_image[-1][1]["correct"]:
                     crops[r.file] = array
             bar.n = len(per_image) + failures.count
             bar.refresh()
+        if ranks:
+            shares = ranks.gather((per_image, failures.count, crops, model_seconds))
+            ranks.close()
+            if not main_rank:
+                return 0
+            per_image = sorted(p for share_images, _, _, _ in shares for p in share_images)
+            failures.count = sum(s[1] for s in shares)
+            crops = {k: v for s in shares for k, v in s[2].items()}
+            model_seconds = max(s[3] for s in shares)
+            for _, p in per_image if out else []:
+                out.add(p)
+        per_image = [p for _, p in per_image]
         left_out["image failed"] = failures.count
         report = summary(per_image, left_out, time.perf_counter() - start, model_seconds)
         if out:
             out.finish({"checkpoint": run.checkpoint, "device": run.device, "dtype": args.dtype, "fp32_mode": run.fp32_mode,
-                        "settings": rec.settings, "environment": environment(run.device), **report})
+                        "settings": rec.settings, "environment": environment(run.device), "ranks": ranks.world if ranks else 1, **report})
     print(f"# Accuracy: {printable(data)} ({labels.name}), {'box crops' if use_boxes else 'whole images'}\n")
     print(f"device {run.device} ({environment(run.device)['device_name']}), {args.dtype}, fp32 conv {run.fp32_mode['conv']} / matmul {run.fp32_mode['matmul']}; checkpoint {printable(run.checkpoint)}\n")
     print(markdown(report))

@@ -20,11 +20,10 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import CHANNELS, INPUT_SIZE, POOL_STRIDES, SVHNModel, WeightsError, flops_per_image
-from svhn import cli, devices
+from model import SVHNModel, WeightsError, flops_per_image
+from svhn import cli, devices, roofline
 from svhn.checkpoints import find_checkpoint
 from svhn.onnx_model import OnnxError, OnnxRecognizer
 from svhn.recognizer import Recognizer
@@ -98,69 +97,36 @@ def measure_device(rec: Recognizer, batch_sizes: list[int], warmup: int, runs: i
     return rows
 
 
-def interleaved_medians(fns: dict, runs: int, rounds: int = 5) -> dict:
-    """Median seconds of each fn, timed in alternating rounds so that a noisy machine slows
-    every candidate alike."""
-    timer = devices.DeviceTimer(torch.device("cpu"))
-    times: dict = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name] += [timer(fn) for _ in range(max(1, runs // rounds))]
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def largest_conv() -> dict:
-    """The network's convolution with the most FLOPs: its input side and channels."""
-    side, best = INPUT_SIZE, None
-    for i, stride in enumerate(POOL_STRIDES):
-        flops = 2 * side * side * CHANNELS[i + 1] * CHANNELS[i] * 25
-        if best is None or flops > best["flops"]:
-            best = {"side": side, "cin": CHANNELS[i], "cout": CHANNELS[i + 1], "flops": flops}
-        side = side // stride + 1
-    return best
-
-
 def cpu_roofline(model: SVHNModel, runs: int) -> dict:
     """The CPU measured in one run: the default path against a plain eager NCHW fp32 forward at
-    batch 1, and at batch 16 against the machine's fp32 peak, the best rate of two kernels that
-    run at full speed: a 2048^3 sgemm (torch.mm) and oneDNN's convolution on the network's
-    largest convolution (channels_last, batch 16)."""
+    batch 1, and at batch 16 against the machine's fp32 peak (svhn.roofline), all interleaved."""
     eager = Recognizer(model, "cpu", fold=False, channels_last=False)
     fast = Recognizer(model, "cpu")
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    conv = largest_conv()
-    xc = torch.randn(16, conv["cin"], conv["side"], conv["side"]).contiguous(memory_format=torch.channels_last)
-    wc = torch.randn(conv["cout"], conv["cin"], 5, 5).contiguous(memory_format=torch.channels_last)
+    kernels = roofline.peak_kernels()
     x1, x16 = torch.randn(1, 3, 54, 54), torch.randn(16, 3, 54, 54)
-    with torch.inference_mode():
-        med = interleaved_medians(
-            {
-                "eager_b1": lambda: eager.run(x1),
-                "default_b1": lambda: fast.run(fast.prepare(x1)),
-                "default_b16": lambda: fast.run(fast.prepare(x16)),
-                "sgemm": lambda: torch.mm(a, b),
-                "conv": lambda: F.conv2d(xc, wc, padding=2),
-            },
-            runs,
-        )
-    sgemm = 2 * 2048**3 / med["sgemm"] / 1e9
-    conv_rate = 16 * conv["flops"] / med["conv"] / 1e9
-    peak = max(sgemm, conv_rate)
+    med = roofline.interleaved_medians(
+        {
+            "eager_b1": lambda: eager.run(x1),
+            "default_b1": lambda: fast.run(fast.prepare(x1)),
+            "default_b16": lambda: fast.run(fast.prepare(x16)),
+            **{name: fn for name, (fn, _) in kernels.items()},
+        },
+        runs,
+    )
+    peak = roofline.peak_rates(med, kernels)
     b16 = 16 / med["default_b16"]
     return {
         "eager_nchw_b1_images_per_s": 1 / med["eager_b1"],
         "default_b1_images_per_s": 1 / med["default_b1"],
         "speedup_b1_vs_eager_nchw": med["eager_b1"] / med["default_b1"],
-        "sgemm_2048_gflops": sgemm,
-        "largest_conv": {k: conv[k] for k in ("side", "cin", "cout")},
-        "largest_conv_b16_gflops": conv_rate,
-        "fp32_peak_gflops": peak,
-        "peak_images_per_s": peak * 1e9 / flops_per_image(),
+        "sgemm_2048_gflops": peak["sgemm_gflops"],
+        "largest_conv": peak["largest_conv"],
+        "largest_conv_b16_gflops": peak["conv_gflops"],
+        "fp32_peak_gflops": peak["fp32_peak_gflops"],
+        "peak_images_per_s": peak["fp32_peak_gflops"] * 1e9 / flops_per_image(),
         "default_b16_images_per_s": b16,
         "default_b16_gflops": b16 * flops_per_image() / 1e9,
-        "b16_fraction_of_peak": b16 * flops_per_image() / 1e9 / peak,
+        "b16_fraction_of_peak": b16 * flops_per_image() / 1e9 / peak["fp32_peak_gflops"],
         "default_path": fast.settings,
         "statistic": "median of interleaved rounds",
     }

@@ -286,9 +286,10 @@ def _images_in(folder: Path) -> tuple[list[Path], list[str]]:
 
 
 def load_ahead(
-    items: Sequence, load: Callable[[object], np.ndarray], batch_size: int, workers: int = 2
-) -> Iterator[tuple[list, torch.Tensor | None, list[tuple[object, str]]]]:
-    """Yield (items loaded, their input tensor or None, [(item, error line)]) per batch.
+    items: Sequence, load: Callable[[object], np.ndarray], batch_size: int, workers: int = 2, to_batch: bool = True
+) -> Iterator[tuple[list, torch.Tensor | list | None, list[tuple[object, str]]]]:
+    """Yield (items loaded, their input tensor or None, [(item, error line)]) per batch
+    (to_batch=False: the loaded arrays as they are, a list).
 
     load(item) returns a 54x54x3 uint8 array or raises ImageError. Decoding runs on `workers`
     threads (Pillow releases the GIL) up to two batches ahead, so the device is not kept waiting.
@@ -319,7 +320,7 @@ def load_ahead(
                 else:
                     failed.append((item, error))
                 fill()
-            yield done, (to_tensor(arrays) if arrays else None), failed
+            yield done, ((to_tensor(arrays) if arrays else None) if to_batch else arrays), failed
     finally:  # Ctrl-C or a closed pipe: drop what is queued instead of decoding it first
         pool.shutdown(wait=False, cancel_futures=True)
 

@@ -14,10 +14,8 @@ import math
 import os
 import random
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -15,9 +15,7 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import ROOT, assert_no_traceback, run_cli
 from digitstruct import write_digit_struct

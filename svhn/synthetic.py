@@ -1,0 +1,192 @@
+"""The project's own synthetic house numbers: 1 to 5 rendered digits on a plaque, in many fonts
+and colours, with perspective, blur, noise and JPEG artefacts, each labelled with its number and
+a box per digit, so that a user with no data (and every test) can train for real.
+
+A set is written as a folder in the labels.json form that eval_accuracy.py and train.py read,
+and goes through the same label reader and the same crop as real photos.
+
+Fonts: the TrueType fonts that matplotlib ships (DejaVu, STIX, Computer Modern) and those under
+the system's font folders, each kept only if it draws the ten digits as ten different shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+
+SYSTEM_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "/Library/Fonts", "/System/Library/Fonts", "C:/Windows/Fonts")
+
+
+class FontError(Exception):
+    """No font that draws digits could be found; the message says where we looked."""
+
+
+def _draws_digits(path: Path) -> bool:
+    """Whether a font draws 0-9 as ten visibly different glyphs (symbol fonts do not)."""
+    try:
+        font = ImageFont.truetype(str(path), 32)
+    except OSError:
+        return False
+    shapes = set()
+    for d in "0123456789":
+        img = Image.new("L", (48, 48))
+        ImageDraw.Draw(img).text((8, 4), d, font=font, fill=255)
+        if img.getbbox() is None:
+            return False
+        shapes.add(img.tobytes())
+    return len(shapes) == 10
+
+
+@lru_cache(maxsize=1)
+def find_fonts() -> tuple[Path, ...]:
+    """Every usable font, sorted by path so that a seed gives the same set on the same machine."""
+    candidates: list[Path] = []
+    try:
+        import matplotlib
+
+        candidates += sorted((Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("*.ttf"))
+    except ImportError:
+        pass
+    for folder in SYSTEM_FONT_DIRS:
+        candidates += sorted(Path(folder).glob("**/*.tt[fc]")) if Path(folder).is_dir() else []
+    seen, fonts = set(), []
+    for path in candidates:
+        if path.name not in seen and _draws_digits(path):
+            seen.add(path.name)
+            fonts.append(path)
+    if not fonts:
+        raise FontError(
+            f"no TrueType font that draws digits was found (looked in matplotlib's fonts and {', '.join(SYSTEM_FONT_DIRS)}): "
+            "pip install matplotlib, or install a font package such as fonts-dejavu"
+        )
+    return tuple(fonts)
+
+
+def _colours(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """A plaque and an ink colour far enough apart in brightness to be read."""
+    while True:
+        plaque = tuple(rng.randrange(256) for _ in range(3))
+        ink = tuple(rng.randrange(256) for _ in range(3))
+        if abs(sum(plaque) - sum(ink)) > 180:
+            return plaque, ink
+
+
+def render(number: str, rng: random.Random, fonts: tuple[Path, ...]) -> tuple[Image.Image, list[list[float]]]:
+    """One photo of `number` and its digit boxes [left, top, width, height]."""
+    font = ImageFont.truetype(str(rng.choice(fonts)), rng.randint(24, 64))
+    plaque, ink = _colours(rng)
+    gap = rng.randint(-2, 10)
+    glyphs = [font.getbbox(d) for d in number]
+    widths = [b[2] - b[0] for b in glyphs]
+    height = max(b[3] for b in glyphs) - min(b[1] for b in glyphs)
+    pad_x, pad_y = rng.randint(4, 40), rng.randint(4, 30)
+    w = sum(widths) + gap * (len(number) - 1) + 2 * pad_x
+    h = height + 2 * pad_y
+    img = Image.new("RGB", (max(w, 8), max(h, 8)), plaque)
+    draw = ImageDraw.Draw(img)
+    if rng.random() < 0.5:  # a plaque border
+        draw.rectangle([1, 1, img.width - 2, img.height - 2], outline=ink, width=rng.randint(1, 3))
+    top = pad_y - min(b[1] for b in glyphs)
+    x, boxes = pad_x, []
+    for d, b, width in zip(number, glyphs, widths):
+        draw.text((x - b[0], top), d, font=font, fill=ink)
+        boxes.append([float(x), float(top + b[1]), float(width), float(b[3] - b[1])])
+        x += width + gap
+    # the plaque on a wider background, as a camera frames it
+    scene = Image.new("RGB", (img.width + rng.randint(0, 60), img.height + rng.randint(0, 40)), tuple(rng.randrange(256) for _ in range(3)))
+    ox, oy = rng.randint(0, scene.width - img.width), rng.randint(0, scene.height - img.height)
+    scene.paste(img, (ox, oy))
+    boxes = [[b[0] + ox, b[1] + oy, b[2], b[3]] for b in boxes]
+    scene, boxes = _perspective(scene, boxes, rng)
+    if rng.random() < 0.5:
+        scene = scene.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.6)))
+    if rng.random() < 0.5:
+        a = np.asarray(scene, dtype=np.float32) + np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(2, 18), (scene.height, scene.width, 3))
+        scene = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    if rng.random() < 0.5:
+        buf = io.BytesIO()
+        scene.save(buf, "JPEG", quality=rng.randint(15, 80))
+        scene = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return scene, boxes
+
+
+def _homography(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> np.ndarray:
+    """The 8 coefficients of the projective map taking the four points a to the four points b."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(a, b):
+        rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+        rhs += [u, v]
+    return np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64))
+
+
+def _perspective(img: Image.Image, boxes: list[list[float]], rng: random.Random) -> tuple[Image.Image, list[list[float]]]:
+    """A mild random perspective; each box becomes the bounding box of its moved corners."""
+    w, h = img.size
+    d = 0.12
+    src = [(0, 0), (w, 0), (w, h), (0, h)]
+    dst = [(x + rng.uniform(-d, d) * w, y + rng.uniform(-d, d) * h) for x, y in src]
+    back = _homography(dst, src)  # Image.transform maps output points to input points
+    f = _homography(src, dst)
+    def move(x: float, y: float) -> tuple[float, float]:
+        z = f[6] * x + f[7] * y + 1
+        return (f[0] * x + f[1] * y + f[2]) / z, (f[3] * x + f[4] * y + f[5]) / z
+
+    out = img.transform((w, h), Image.PERSPECTIVE, tuple(back), Image.BICUBIC, fillcolor=img.getpixel((0, 0)))
+    moved = []
+    for left, top, bw, bh in boxes:
+        pts = [move(left, top), move(left + bw, top), move(left + bw, top + bh), move(left, top + bh)]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        x0, y0 = max(0.0, min(xs)), max(0.0, min(ys))
+        moved.append([round(x0, 1), round(y0, 1), round(min(float(w), max(xs)) - x0, 1), round(min(float(h), max(ys)) - y0, 1)])
+    return out, moved
+
+
+def random_number(rng: random.Random) -> str:
+    """1 to 5 digits; a leading zero only for the rare plaques that have one (as '03')."""
+    n = rng.choices([1, 2, 3, 4, 5], weights=[20, 30, 30, 15, 5])[0]
+    first = str(rng.randint(0, 9)) if rng.random() < 0.05 else str(rng.randint(1, 9))
+    return first + "".join(str(rng.randint(0, 9)) for _ in range(n - 1))
+
+
+def make_set(folder: str | Path, count: int, seed: int = 0, style=None) -> Path:
+    """Write `count` synthetic photos and their labels.json into `folder` (reused when a set of
+    the same count, seed and style is already there). `style(img, rng) -> img`, if given, is
+    applied to every photo (a look the model has not seen, for fine-tuning)."""
+    folder = Path(folder)
+    fonts = find_fonts()
+    stamp = {"count": count, "seed": seed, "style": getattr(style, "__name__", None), "fonts": [f.name for f in fonts]}
+    done = folder / "synthetic.json"
+    if done.is_file() and json.loads(done.read_text()) == stamp:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    labels = []
+    for i in range(count):
+        number = random_number(rng)
+        img, boxes = render(number, rng, fonts)
+        if style is not None:
+            img = style(img, rng)
+        name = f"{i:06d}.png"
+        img.save(folder / name)
+        labels.append({"file": name, "label": number, "boxes": boxes})
+    (folder / "labels.json").write_text(json.dumps(labels))
+    done.write_text(json.dumps(stamp))
+    return folder
+
+
+def set_name(count: int, seed: int) -> str:
+    return f"synthetic-{count}-{seed}-{hashlib.sha256(','.join(f.name for f in find_fonts()).encode()).hexdigest()[:8]}"
+
+
+def describe_fonts() -> str:
+    fonts = find_fonts()
+    return f"{len(fonts)} fonts ({', '.join(f.stem for f in fonts[:6])}{', ...' if len(fonts) > 6 else ''})"
+
