@@ -392,6 +392,11 @@ def train(args: argparse.Namespace, out: Path, ranks: Ranks) -> int:
     if ranks.main:
         print(f"training {len(train_set)} images, validating on {len(val_set)}, from {source}, on {ranks.world} x {ranks.device} "
               f"({devices.device_name(ranks.device)}), batch {args.batch_size} per device, lr {args.lr}, amp {args.amp}; out {shown(out)}", file=sys.stderr)
+    if state is None:  # where the run starts from, for the log; it is not a score to beat
+        correct, scored = validate(net, val_set, ranks, max(args.batch_size, 64), channels_last)
+        log.write({"step": 0, "val_accuracy_before": correct / scored, "val_correct": correct, "val_scored": scored, "init": source})
+        if ranks.main:
+            cli.note(f"validation accuracy before training: {100 * correct / scored:.2f} % ({int(correct)} of {int(scored)})")
     bar = tqdm(total=args.steps, initial=step, unit="step", file=sys.stderr, disable=None if ranks.main else True)
     seen, clock = 0, time.perf_counter()
     try:

@@ -68,6 +68,15 @@ def labelled_folder(tmp_path) -> Path:
     return folder
 
 
+def score(checkpoint: Path, folder: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """eval_accuracy.py on the folder: it must finish (exit 0, no traceback) with a JSON report."""
+    out = folder / "report.json"
+    result = run_cli("evaluation/eval_accuracy.py", "--checkpoint", str(checkpoint), "--device", "cpu", "--data", str(folder), "--json", str(out))
+    assert_no_traceback(result)
+    assert result.returncode == 0, result.stderr
+    return result, json.loads(out.read_text())
+
+
 def test_eval_accuracy_leaves_out_labels_it_cannot_trust(random_checkpoint, labelled_folder):
     entries = [
         {"file": "0.png", "label": "12", "boxes": [[1, 1, 10, 10], [11, 1, 10, 10]]},
@@ -79,12 +88,7 @@ def test_eval_accuracy_leaves_out_labels_it_cannot_trust(random_checkpoint, labe
         {"file": "2.png", "label": "8"},
     ]
     (labelled_folder / "labels.json").write_text(json.dumps(entries))  # json writes NaN and Infinity
-    out = labelled_folder / "report.json"
-    result = run_cli("evaluation/eval_accuracy.py", "--checkpoint", str(random_checkpoint), "--device", "cpu",
-                     "--data", str(labelled_folder), "--json", str(out))
-    assert_no_traceback(result)
-    assert result.returncode == 0, result.stderr
-    data = json.loads(out.read_text())
+    result, data = score(random_checkpoint, labelled_folder)
     assert data["complete"] is True
     assert data["images_scored"] == 1  # 0.png; 2.png is refused for its box, then given twice
     assert data["left_out"] == {"unreadable labels": 5, "more than 5 digits": 0, "image failed": 1}
@@ -105,12 +109,7 @@ def test_digit_struct_with_nan_and_labels_out_of_range(random_checkpoint, labell
         ("2.png", [0], [[1, 1, 10, 10]]),
     ]
     write_digit_struct(labelled_folder / "digitStruct.mat", records)
-    out = labelled_folder / "report.json"
-    result = run_cli("evaluation/eval_accuracy.py", "--checkpoint", str(random_checkpoint), "--device", "cpu",
-                     "--data", str(labelled_folder), "--json", str(out))
-    assert_no_traceback(result)
-    assert result.returncode == 0, result.stderr
-    data = json.loads(out.read_text())
+    result, data = score(random_checkpoint, labelled_folder)
     assert data["images_scored"] == 1 and data["left_out"]["unreadable labels"] == 4
     assert result.stderr.count("digit labels must be whole numbers 1..10") == 3
     assert "record 3 (2.png) left out: ValueError: a box holds NaN or Infinity" in result.stderr
