@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--batch", type=batch_arg, default=None, metavar="N|dynamic", help="fixed batch size, or dynamic (default)")
     group.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 9 to 18 (default: %(default)s, which CANN 6 to 8 accept)")
     group = parser.add_argument_group("proof")
-    group.add_argument("--samples", type=int, default=100, help="seeded random inputs beside the examples (default: %(default)s)")
+    group.add_argument("--samples", type=cli.non_negative_int, default=100, help="seeded random inputs beside the examples (default: %(default)s)")
     return parser.parse_args(argv)
 
 

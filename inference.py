@@ -29,9 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group = parser.add_argument_group("input")
     group.add_argument("--image", nargs="+", metavar="PATH", help="image files, folders, globs, '-' for stdin (default: the bundled examples/)")
     cli.add_loader_args(group, batch_size=16)
-    cli.add_model_args(parser)
-    cli.add_onnx_arg(parser)
-    cli.add_device_args(parser)
+    cli.add_run_args(parser)
     group = parser.add_argument_group("output")
     group.add_argument("--json", nargs="?", const="-", metavar="FILE", help="stream a JSON list, one object per image, to FILE (default: stdout)")
     group.add_argument(

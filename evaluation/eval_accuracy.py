@@ -158,9 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--no-boxes", action="store_true", help="read whole images, ignoring the digit boxes")
     group.add_argument("--limit", type=cli.positive_int, default=None, help="score only the first N labelled images")
     cli.add_loader_args(group, batch_size=64)
-    cli.add_model_args(parser)
-    cli.add_onnx_arg(parser)
-    cli.add_device_args(parser)
+    cli.add_run_args(parser)
     group = parser.add_argument_group("output")
     group.add_argument("--json", metavar="FILE", help="stream every image scored, then the report, to FILE ('-': stdout)")
     group.add_argument("--errors", type=int, default=0, metavar="N", help="list the N most confident misreads")
@@ -207,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     crop = "boxes" if use_boxes else "whole image"
     out = cli.JsonOutput(args.json, head={"data": data, "labels": labels, "crop": crop}) if args.json and main_rank else None
     run = cli.setup(args)
-    rec = run.recognizer
     if main_rank:
         print(f"scoring {len(usable)} images of {printable(data)} ({labels.name}) on {ranks.world if ranks else 1} x {run.device} {args.dtype}, "
               f"{crop}; {run.header(args.dtype)}", file=sys.stderr)
@@ -225,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     with out or contextlib.nullcontext(), tqdm(total=len(share), unit="img", file=sys.stderr, disable=None if main_rank else True) as bar:
         for done, batch in cli.batches(share, load, args, failures):
             t = time.perf_counter()
-            readings = rec.read(batch)
+            readings = run.recognizer.read(batch)
             model_seconds += time.perf_counter() - t
             for (i, r), reading, array in zip(done, readings, as_uint8(batch) if args.sheet else [None] * len(done)):
                 per_image.append((i, scored(r, reading)))
@@ -251,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         report = summary(per_image, left_out, time.perf_counter() - start, model_seconds)
         if out:
             out.finish({"checkpoint": run.checkpoint, "device": run.device, "dtype": args.dtype, "fp32_mode": run.fp32_mode,
-                        "settings": rec.settings, "environment": environment(run.device), "ranks": ranks.world if ranks else 1, **report})
+                        "settings": run.recognizer.settings, "environment": environment(run.device), "ranks": ranks.world if ranks else 1, **report})
     print(f"# Accuracy: {printable(data)} ({labels.name}), {'box crops' if use_boxes else 'whole images'}\n")
     print(f"device {run.device} ({environment(run.device)['device_name']}), {args.dtype}, fp32 conv {run.fp32_mode['conv']} / matmul {run.fp32_mode['matmul']}; checkpoint {printable(run.checkpoint)}\n")
     print(markdown(report))

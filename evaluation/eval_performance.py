@@ -34,20 +34,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group = parser.add_argument_group("what to measure")
     group.add_argument("--devices", nargs="+", default=None, help="devices to measure (default: cpu and the accelerator, if any)")
     group.add_argument("--batch-sizes", nargs="+", type=cli.positive_int, default=[1, 4, 8, 16], help="(default: %(default)s)")
-    group.add_argument("--warmup", type=int, default=10, help="untimed calls per batch size after the cold one (default: %(default)s)")
+    group.add_argument("--warmup", type=cli.non_negative_int, default=10, help="untimed calls per batch size after the cold one (default: %(default)s)")
     group.add_argument("--runs", type=cli.positive_int, default=50, help="timed calls per batch size (default: %(default)s)")
     group.add_argument(
         "--cpu-roofline", action="store_true",
         help="the CPU in one run: default path vs plain eager NCHW at batch 1, and at batch 16 against the machine's measured fp32 peak",
     )
-    cli.add_model_args(parser)
-    cli.add_onnx_arg(parser)
-    cli.add_device_args(parser)
+    cli.add_run_args(parser)
     parser.add_argument("--json", metavar="FILE", help="write every figure, the machine and the settings here")
-    args = parser.parse_args(argv)
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
-    return args
+    return parser.parse_args(argv)
 
 
 def summary(seconds: list[float], batch_size: int) -> dict:

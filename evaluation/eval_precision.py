@@ -25,18 +25,13 @@ from svhn.text import shown
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("inputs")
-    group.add_argument("--samples", type=int, default=100, help="seeded random images (default: %(default)s)")
+    group.add_argument("--samples", type=cli.non_negative_int, default=100, help="seeded random images (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0, help="seed of the random images (default: %(default)s)")
     group.add_argument("--images", nargs="*", default=None, help="real images: files, folders, globs (default: examples/)")
     cli.add_loader_args(group, batch_size=16)
-    cli.add_model_args(parser)
-    cli.add_onnx_arg(parser)
-    cli.add_device_args(parser)
+    cli.add_run_args(parser)
     parser.add_argument("--json", metavar="FILE", help="write every figure, the versions and the settings here")
-    args = parser.parse_args(argv)
-    if args.samples < 0:
-        parser.error("--samples must be >= 0")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

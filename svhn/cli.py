@@ -73,19 +73,34 @@ def run(main: Callable[[], int]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
+def _int_from(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_from(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_from(text, 0)
 
 
 def add_loader_args(group: argparse._ArgumentGroup, batch_size: int) -> None:
     group.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per forward pass (default: %(default)s)")
     group.add_argument("--workers", type=positive_int, default=2, help="threads decoding images ahead (default: %(default)s)")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """What every script that runs the network takes: the checkpoint, --onnx, the device flags."""
+    add_model_args(parser)
+    add_onnx_arg(parser)
+    add_device_args(parser)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
