@@ -43,19 +43,21 @@ from svhn.checkpoints import find_checkpoint, load_state_dict, save_atomic
 from svhn.dataset import CropSet, batch_tensor, concat, load_folder
 from svhn.images import CROP, RESIZE
 from svhn.labels import LabelError
-from svhn.synthetic import FontError, describe_fonts, make_set, set_name
+from svhn.synthetic import STYLES, FontError, describe_fonts, make_set, set_name
 from svhn.text import printable, shown
 
 PRESETS = {"readme": {"batch_size": 512, "lr": 0.16, "lr_step": 625}}
 STATE_FILE = "training_state.pt"
 RECIPE = ("batch_size", "lr", "momentum", "weight_decay", "lr_step", "lr_gamma", "val_every", "patience", "keep", "amp", "seed")
+DATA = ("data", "synthetic", "synthetic_style", "val", "val_fraction")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("data")
     group.add_argument("--data", action="append", default=[], metavar="DIR", help="labelled folder (repeat for several)")
-    group.add_argument("--synthetic", type=int, default=0, metavar="N", help="add N synthetic house numbers (seeded by --seed)")
+    group.add_argument("--synthetic", type=cli.non_negative_int, default=0, metavar="N", help="add N synthetic house numbers (seeded by --seed)")
+    group.add_argument("--synthetic-style", choices=sorted(STYLES), default="plain", help="their look (default: %(default)s)")
     group.add_argument("--val", metavar="DIR", help="validation folder (default: a seeded --val-fraction of the data)")
     group.add_argument("--val-fraction", type=float, default=0.1, help="(default: %(default)s)")
     group.add_argument("--cache", metavar="DIR", help="crop cache (default: ~/.cache/svhn-ascend)")
@@ -116,12 +118,12 @@ def load_data(args: argparse.Namespace, ranks: Ranks) -> tuple[CropSet, CropSet]
 
     def build() -> list[CropSet]:
         if args.synthetic:
-            make_set(folders[-1], args.synthetic, args.seed)
+            make_set(folders[-1], args.synthetic, args.seed, STYLES[args.synthetic_style])
         return [load_folder(folder, cache / "crops", args.workers, report) for folder in folders + ([val_folder] if val_folder else [])]
 
     try:
         if args.synthetic:
-            folders.append(cache / set_name(args.synthetic, args.seed))
+            folders.append(cache / set_name(args.synthetic, args.seed, args.synthetic_style))
             if ranks.main:
                 cli.note(f"synthetic house numbers: {args.synthetic}, seed {args.seed}, {describe_fonts()}")
         # rank 0 renders and caches; the others then find it all in the cache
@@ -353,7 +355,8 @@ def train(args: argparse.Namespace, out: Path, ranks: Ranks) -> int:
         state = torch.load(path, map_location="cpu", weights_only=True)
         for key in RECIPE:
             setattr(args, key, state["args"][key])
-        args.data, args.synthetic, args.val, args.val_fraction = state["args"]["data"], state["args"]["synthetic"], state["args"]["val"], state["args"]["val_fraction"]
+        for key in DATA:
+            setattr(args, key, state["args"][key])
     train_set, val_set = load_data(args, ranks)
     if state is None:
         model, source = initial_weights(args)
@@ -381,7 +384,7 @@ def train(args: argparse.Namespace, out: Path, ranks: Ranks) -> int:
         torch.manual_seed(args.seed)  # dropout's draws, the same from here on every run of this seed
     batches = Batches(train_set, args.batch_size, args.seed, ranks)
     log = Log(out / "log.jsonl", ranks.main)
-    saved_args = {k: getattr(args, k) for k in (*RECIPE, "data", "synthetic", "val", "val_fraction", "init")}
+    saved_args = {k: getattr(args, k) for k in (*RECIPE, *DATA, "init")}
 
     def save_state() -> None:
         if ranks.main:

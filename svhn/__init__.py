@@ -10,15 +10,20 @@ turns each failure into one line. A user who sets TORCH_DEVICE_BACKEND_AUTOLOAD 
 """
 
 import os
+import signal
 import sys
+import threading
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
+# Ctrl-C while torch loads: a KeyboardInterrupt raised inside torch's C++ initialisation aborts
+# the process (pybind11 cannot carry it), so during the import a Ctrl-C is only noted, and acted
+# on once torch is loaded.
+_interrupted: list[int] = []
+_main_thread = threading.current_thread() is threading.main_thread()
+_previous = signal.signal(signal.SIGINT, lambda number, frame: _interrupted.append(number)) if _main_thread else None
 try:
     import torch  # noqa: F401  (imported here, once, under the setting above)
-except KeyboardInterrupt:  # Ctrl-C while torch loads: the scripts' cli.run is not running yet
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
 except RuntimeError as e:  # TORCH_DEVICE_BACKEND_AUTOLOAD=1 and a plug-in (torch_npu) failed
     cause = e.__cause__ or e
     print(
@@ -29,3 +34,9 @@ except RuntimeError as e:  # TORCH_DEVICE_BACKEND_AUTOLOAD=1 and a plug-in (torc
         file=sys.stderr,
     )
     sys.exit(2)
+finally:
+    if _main_thread:
+        signal.signal(signal.SIGINT, _previous)
+if _interrupted:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)

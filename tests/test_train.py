@@ -19,7 +19,7 @@ from model import flops_per_image
 from svhn.checkpoints import load_model, load_state_dict
 from svhn.images import labelled_crop, to_tensor
 from svhn.labels import read_labels
-from svhn.synthetic import make_set
+from svhn.synthetic import STYLES, make_set
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,23 @@ def test_the_crop_cache_is_reused_and_rebuilt_when_the_data_change(tmp_path):
     # the cached crop is the evaluation's crop, kept at 64x64: its centre is what eval_accuracy reads
     records, _, _ = read_labels(folder / "labels.json")
     assert np.array_equal(np.asarray(changed.crops[0])[5:59, 5:59], labelled_crop(folder / records[1].file, records[1].boxes))
+
+
+def accuracy(checkpoint: Path, folder: Path, tmp_path: Path) -> float:
+    out = tmp_path / f"acc-{checkpoint.name}.json"
+    result = run_cli("evaluation/eval_accuracy.py", "--checkpoint", str(checkpoint), "--data", str(folder), "--device", "cpu", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())["accuracy"]
+
+
+def test_fine_tuning_the_stand_in_on_a_style_it_misreads_raises_its_accuracy(checkpoint, cache, tmp_path):
+    """The stand-in reads stencilled numbers about half the time; 300 steps of fine-tuning on
+    1,000 of them (batch 16, lr 0.001) must lift held-out accuracy by at least 10 points
+    (measured here: 53 % -> 72 % on these 200 held-out images)."""
+    held_out = make_set(tmp_path / "held-out", 200, seed=21, style=STYLES["stencil"])
+    before = accuracy(checkpoint, held_out, tmp_path)
+    out = tmp_path / "fine-tuned"
+    train(out, cache, "--synthetic", "1000", "--synthetic-style", "stencil", "--seed", "22", "--init", str(checkpoint), "--steps", "300",
+          "--batch-size", "16", "--lr", "0.001", "--val-every", "300")
+    after = accuracy(out, held_out, tmp_path)
+    assert before < 0.7 and after >= before + 0.10, (before, after)
