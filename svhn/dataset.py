@@ -90,7 +90,10 @@ def load_folder(folder: Path, cache_root: Path, workers: int = 2, report=print) 
     del crops
     np.save(tmp / "targets.npy", np.array(targets, dtype=np.int64).reshape(-1, 1 + MAX_DIGITS))
     (tmp / "meta.json").write_text(json.dumps({"labels": str(labels), "files": kept, "left_out": left_out, "warnings": warnings}))
-    os.replace(tmp, cache) if not cache.exists() else shutil.rmtree(tmp)
+    if cache.exists():  # another process built the same cache meanwhile; theirs is as good
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, cache)
     for line in left_out:
         report(line)
     return load_folder(folder, cache_root, workers, report=lambda line: None)
