@@ -32,7 +32,8 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from svhn import cli
+from model import decode
+from svhn import cli, om
 from svhn.devices import environment
 from svhn.distributed import Ranks, launched
 from svhn.images import labelled_crop
@@ -163,6 +164,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--json", metavar="FILE", help="stream every image scored, then the report, to FILE ('-': stdout)")
     group.add_argument("--errors", type=int, default=0, metavar="N", help="list the N most confident misreads")
     group.add_argument("--sheet", metavar="FILE.png", help="contact sheet of the misread crops (with --errors N, or all)")
+    group = parser.add_argument_group("an offline model (.om) on Ascend, through ais_bench")
+    group.add_argument("--write-bins", metavar="DIR", help="write the crops as ais_bench inputs (batches of --batch-size, the .om's batch) and stop")
+    group.add_argument("--om-outputs", metavar="DIR", help="score ais_bench's outputs (--outfmt TXT, NPY or BIN) for those inputs")
+    group.add_argument("--bins", metavar="DIR", help="with --om-outputs: the folder --write-bins wrote")
     args = parser.parse_args(argv)
     if args.errors < 0:
         parser.error("--errors must be >= 0")
@@ -201,10 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         args.device = str(ranks.device)
     main_rank = ranks is None or ranks.main
     labels, usable, left_out = labelled_records(args, data)
+    if args.write_bins:
+        return write_bins(args, data, labels, usable)
+    if args.om_outputs:
+        return score_om(args, data, labels, usable, left_out)
     use_boxes = not args.no_boxes
     crop = "boxes" if use_boxes else "whole image"
     out = cli.JsonOutput(args.json, head={"data": data, "labels": labels, "crop": crop}) if args.json and main_rank else None
-    run = cli.setup(args)
+    run = cli.setup(args, need_model=False)
     if main_rank:
         print(f"scoring {len(usable)} images of {printable(data)} ({labels.name}) on {ranks.world if ranks else 1} x {run.device} {args.dtype}, "
               f"{crop}; {run.header(args.dtype)}", file=sys.stderr)
@@ -249,18 +258,73 @@ def main(argv: list[str] | None = None) -> int:
         if out:
             out.finish({"checkpoint": run.checkpoint, "device": run.device, "dtype": args.dtype, "fp32_mode": run.fp32_mode,
                         "settings": run.recognizer.settings, "environment": environment(run.device), "ranks": ranks.world if ranks else 1, **report})
-    print(f"# Accuracy: {printable(data)} ({labels.name}), {'box crops' if use_boxes else 'whole images'}\n")
-    print(f"device {run.device} ({environment(run.device)['device_name']}), {args.dtype}, fp32 conv {run.fp32_mode['conv']} / matmul {run.fp32_mode['matmul']}; checkpoint {printable(run.checkpoint)}\n")
+    where = f"device {run.device} ({environment(run.device)['device_name']}), {args.dtype}, fp32 conv {run.fp32_mode['conv']} / matmul {run.fp32_mode['matmul']}; checkpoint {printable(run.checkpoint)}"
+    print_report(args, f"{printable(data)} ({labels.name}), {'box crops' if use_boxes else 'whole images'}", where, report, per_image, crops)
+    return 0
+
+
+def print_report(args: argparse.Namespace, title: str, where: str, report: dict, per_image: list[dict], crops: dict[str, np.ndarray]) -> None:
+    """The report as Markdown, the most confident misreads, and their contact sheet."""
+    print(f"# Accuracy: {title}\n")
+    print(f"{where}\n")
     print(markdown(report))
     misread = sorted((p for p in per_image if not p["correct"]), key=lambda p: -p["confidence"])
     if args.errors:
         print(f"\n{min(args.errors, len(misread))} of {len(misread)} misread images, most confident first\n")
         rows = [[printable(p["file"]), p["true_number"], p["number"] or "-", f"{p['confidence']:.3f}"] for p in misread[: args.errors]]
         print(cli.markdown_table(["file", "true", "read", "confidence"], rows))
-    if args.sheet:
+    if args.sheet and crops is not None:
         shown_errors = misread[: args.errors] if args.errors else misread
         contact_sheet(shown_errors, crops, Path(args.sheet))
         cli.note(f"contact sheet of {len(shown_errors)} misread crops: {printable(args.sheet)}")
+
+
+# --------------------------------------------------------------------------------------------
+# An offline model (.om) on Ascend, through ais_bench
+# --------------------------------------------------------------------------------------------
+
+
+def write_bins(args: argparse.Namespace, data: Path, labels: Path, usable: list[Record]) -> int:
+    """The crops as ais_bench inputs, one .bin per batch of --batch-size (the .om's batch)."""
+    folder = Path(args.write_bins)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        cli.die(f"{printable(folder)}: cannot write here ({e.strerror})")
+    failures, batches = cli.Failures(), []
+    for done, batch in cli.batches(usable, lambda r: labelled_crop(data / r.file, None if args.no_boxes else r.boxes), args, failures):
+        om.write_batch(folder, len(batches), batch, args.batch_size)
+        batches.append([r.file for r in done])
+    om.write_index(folder, args.batch_size, batches, {"data": str(data), "labels": str(labels), "crop": "whole image" if args.no_boxes else "boxes"})
+    print(f"{sum(map(len, batches))} images in {len(batches)} inputs of batch {args.batch_size} written to {printable(folder)}"
+          + (f" ({failures.count} left out)" if failures.count else ""))
+    print(f"run them: python3 -m ais_bench --model svhn_bs{args.batch_size}.om --input {printable(folder)} --output om_out --output_dirname run --outfmt TXT")
+    print(f"score them: python evaluation/eval_accuracy.py --data {printable(data)} --bins {printable(folder)} --om-outputs om_out/run")
+    return 0
+
+
+def score_om(args: argparse.Namespace, data: Path, labels: Path, usable: list[Record], left_out: dict[str, int]) -> int:
+    """The published accuracy of ais_bench's outputs for the inputs write_bins wrote."""
+    if not args.bins:
+        cli.die("--om-outputs needs --bins DIR, the folder --write-bins wrote")
+    outputs, bins = Path(args.om_outputs), Path(args.bins)
+    by_file = {r.file: r for r in usable}
+    per_image = []
+    try:
+        index = om.read_index(bins)
+        for k, files in enumerate(index["batches"]):
+            readings = decode(om.read_outputs(outputs, k, index["batch_size"], len(files)))
+            per_image += [scored(by_file[f], reading) for f, reading in zip(files, readings) if f in by_file]
+    except om.OmError as e:
+        cli.die(str(e), cli.EXIT_FAILED)
+    left_out["image failed"] = len(usable) - len(per_image)
+    report = summary(per_image, left_out, 0.0, 0.0)
+    if args.json:
+        with cli.JsonOutput(args.json, head={"data": data, "labels": labels, "crop": index.get("crop"), "om_outputs": outputs}) as out:
+            for p in per_image:
+                out.add(p)
+            out.finish(report)
+    print_report(args, f"{printable(data)} ({labels.name}), {index.get('crop')}", f"ais_bench outputs {printable(outputs)}, inputs {printable(bins)}", report, per_image, None)
     return 0
 
 

@@ -51,7 +51,14 @@ def run(main: Callable[[], int]) -> None:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     try:
-        sys.exit(main())
+        try:
+            sys.exit(main())
+        finally:  # whatever ended the run, every JSON output it opened is left a valid document
+            for out in list(JsonOutput.unfinished):
+                try:
+                    out.finish(complete=False)
+                except OSError:  # a closed pipe: nobody reads it any more
+                    pass
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
@@ -264,8 +271,11 @@ class JsonOutput:
 
     items_key=None writes a bare list of items. Otherwise an object: `head`'s entries, then the
     items (if any) under items_key, then what finish() is given and "complete": true. A run that
-    ends before finish() (Ctrl-C, an error) still leaves a valid document, "complete": false.
+    ends before finish() (Ctrl-C, an error) still leaves a valid document, "complete": false:
+    the context manager closes it, and so does cli.run for every output still open.
     """
+
+    unfinished: list["JsonOutput"] = []  # for cli.run to close
 
     def __init__(self, path: str | os.PathLike, items_key: str | None = "images", head: dict | None = None) -> None:
         self.path = str(path)
@@ -277,6 +287,7 @@ class JsonOutput:
         self.count = 0
         self.entries = 0  # top-level entries of the object written so far
         self.closed = False
+        JsonOutput.unfinished.append(self)
         self._write("[" if items_key is None else "{")
         for key, value in (head or {}).items():
             self._entry(key, value)
@@ -301,6 +312,7 @@ class JsonOutput:
         if self.closed:
             return
         self.closed = True
+        JsonOutput.unfinished.remove(self)
         if self.items_key is None:
             self._write("\n]\n")
         else:

@@ -133,3 +133,33 @@ def test_a_file_that_is_not_onnx(tmp_path):
     assert result.returncode == 2 and "the ONNX checker refuses it" in result.stderr
     result = run_cli("inference.py", "--onnx", str(tmp_path / "none.onnx"))
     assert result.returncode == 2 and "no such ONNX file" in result.stderr
+
+
+def test_ais_bench_inputs_and_outputs_score_as_the_onnx_file_does(random_checkpoint, samples, tmp_path):
+    """eval_accuracy.py writes the crops as ais_bench inputs and scores ais_bench's outputs.
+    No .om runs here: ONNX Runtime on a fixed-batch export stands in for the .om, writing its
+    outputs under ais_bench's names (<input>_<output index>.txt), one number per value."""
+    onnx_file = tmp_path / "svhn_bs4.onnx"
+    assert run_cli("export.py", "--checkpoint", str(random_checkpoint), "--output", str(onnx_file), "--batch", "4", "--samples", "0").returncode == 0
+    bins, outputs = tmp_path / "bins", tmp_path / "om_out"
+    result = run_cli("evaluation/eval_accuracy.py", "--data", str(samples), "--write-bins", str(bins), "--batch-size", "4")
+    assert result.returncode == 0 and "15 images in 4 inputs of batch 4" in result.stdout, result.stdout + result.stderr
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    outputs.mkdir()
+    for path in sorted(bins.glob("*.bin")):
+        x = np.fromfile(path, dtype=np.float32).reshape(4, 3, 54, 54)
+        for i, head in enumerate(session.run(None, {"image": x})):
+            np.savetxt(outputs / f"{path.stem}_{i}.txt", head.reshape(-1))
+    om_json, onnx_json = tmp_path / "om.json", tmp_path / "onnx.json"
+    result = run_cli("evaluation/eval_accuracy.py", "--data", str(samples), "--bins", str(bins), "--om-outputs", str(outputs), "--json", str(om_json))
+    assert_no_traceback(result)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("evaluation/eval_accuracy.py", "--data", str(samples), "--onnx", str(onnx_file), "--json", str(onnx_json))
+    om_report, onnx_report = json.loads(om_json.read_text()), json.loads(onnx_json.read_text())
+    assert om_report["images_scored"] == onnx_report["images_scored"] == 15
+    assert [(p["file"], p["number"]) for p in om_report["images"]] == [(p["file"], p["number"]) for p in onnx_report["images"]]
+    assert om_report["accuracy"] == onnx_report["accuracy"]
+    (outputs / "batch-000002_3.txt").unlink()
+    result = run_cli("evaluation/eval_accuracy.py", "--data", str(samples), "--bins", str(bins), "--om-outputs", str(outputs))
+    assert_no_traceback(result)
+    assert result.returncode == 1 and "batch-000002_3.txt: no such ais_bench output (digit3 of batch-000002.bin)" in result.stderr

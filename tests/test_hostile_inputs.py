@@ -308,3 +308,11 @@ def test_nan_is_no_number_in_the_json(random_checkpoint):
     assert math.isnan(float("nan"))  # the JSON writer turns non-finite floats into null (cli.plain)
     result = run_cli("inference.py", "--checkpoint", str(random_checkpoint), "--json", "--image", str(EXAMPLES[0]))
     assert "NaN" not in result.stdout and json.loads(result.stdout)[0]["confidence"] >= 0
+
+
+def test_a_run_that_fails_after_opening_its_json_leaves_a_valid_document(labelled_folder, tmp_path):
+    (labelled_folder / "labels.json").write_text('[{"file": "0.png", "label": "1"}]')
+    out = tmp_path / "report.json"
+    result = run_cli("evaluation/eval_accuracy.py", "--data", str(labelled_folder), "--checkpoint", str(tmp_path / "none.pth"), "--json", str(out))
+    assert result.returncode == 2 and "no such file or folder" in result.stderr
+    assert json.loads(out.read_text())["complete"] is False
