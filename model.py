@@ -69,14 +69,20 @@ class SVHNModel(nn.Module):
         return tuple(head(x) for head in self.heads())
 
 
+def conv_layers() -> list[dict]:
+    """Each convolution's input side, channels and FLOPs (multiply-adds counted twice)."""
+    layers, side = [], INPUT_SIZE
+    for i, stride in enumerate(POOL_STRIDES):
+        flops = 2 * side * side * CHANNELS[i + 1] * CHANNELS[i] * 25
+        layers.append({"side": side, "cin": CHANNELS[i], "cout": CHANNELS[i + 1], "flops": flops})
+        side = (side + 2 - 2) // stride + 1  # max-pool, kernel 2, padding 1
+    return layers
+
+
 def flops_per_image() -> int:
     """Multiply-adds counted twice, convolutions and linear layers (1.587 GFLOP)."""
-    flops, side = 0, INPUT_SIZE
-    for i, stride in enumerate(POOL_STRIDES):
-        flops += 2 * side * side * CHANNELS[i + 1] * CHANNELS[i] * 25
-        side = (side + 2 - 2) // stride + 1
-    flops += 2 * (FEATURES * HIDDEN + HIDDEN * HIDDEN + HIDDEN * sum(HEAD_CLASSES))
-    return flops
+    fc = 2 * (FEATURES * HIDDEN + HIDDEN * HIDDEN + HIDDEN * sum(HEAD_CLASSES))
+    return sum(layer["flops"] for layer in conv_layers()) + fc
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,19 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import CHANNELS, INPUT_SIZE, POOL_STRIDES
+from model import conv_layers
 from svhn.devices import DeviceTimer
 
 
 def largest_conv() -> dict:
-    """The network's convolution with the most FLOPs: its input side and channels."""
-    side, best = INPUT_SIZE, None
-    for i, stride in enumerate(POOL_STRIDES):
-        flops = 2 * side * side * CHANNELS[i + 1] * CHANNELS[i] * 25
-        if best is None or flops > best["flops"]:
-            best = {"side": side, "cin": CHANNELS[i], "cout": CHANNELS[i + 1], "flops": flops}
-        side = side // stride + 1
-    return best
+    """The network's convolution with the most FLOPs: its input side, channels and FLOPs."""
+    return max(conv_layers(), key=lambda layer: layer["flops"])
 
 
 def peak_kernels() -> dict[str, tuple[Callable[[], object], int]]:
