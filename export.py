@@ -20,37 +20,41 @@ from pathlib import Path
 
 import torch
 
-from svhn import cli, deviation
-from svhn.images import expand_inputs, noise_images, photo_input, to_tensor
-from svhn.onnx_model import DEFAULT_OPSET, OnnxError, OnnxRecognizer, export, inspect, problems, require
-from svhn.recognizer import Comparison
-from svhn.text import one_line, printable, shown
+from model import SPEC
+from svhn import deviation, exits, flags, output
+from svhn.files import check_writable, write_bytes_atomic
+from svhn.images import expand_inputs, photo_input, random_input, to_tensor
+from svhn.network import Comparison
+from svhn.onnx_model import DEFAULT_OPSET, OnnxNet, check_opset, export, inspect, problems, require
+from svhn.recognizer import InferenceNet, reference
+from svhn.setup import load_checkpoint
+from svhn.text import printable, shown
 
 DYNAMIC_BATCHES = (1, 7, 64)
 
 
 def batch_arg(text: str) -> int | None:
-    return None if text == "dynamic" else cli.positive_int(text)
+    return None if text == "dynamic" else flags.positive_int(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
+    flags.add_model_args(parser)
     group = parser.add_argument_group("export")
     group.add_argument("--output", default="svhn.onnx", metavar="FILE.onnx", help="(default: %(default)s)")
     group.add_argument("--batch", type=batch_arg, default=None, metavar="N|dynamic", help="fixed batch size, or dynamic (default)")
     group.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 9 to 18 (default: %(default)s, which CANN 6 to 8 accept)")
     group = parser.add_argument_group("proof")
-    group.add_argument("--samples", type=cli.non_negative_int, default=100, help="seeded random inputs beside the examples (default: %(default)s)")
+    group.add_argument("--samples", type=flags.non_negative_int, default=100, help="seeded random inputs beside the examples (default: %(default)s)")
     return parser.parse_args(argv)
 
 
-def parity(model, path: Path, batches: tuple[int, ...], inputs: torch.Tensor, names: list[str]) -> dict:
+def parity(ref, path: Path, batches: tuple[int, ...], inputs: torch.Tensor, names: list[str]) -> dict:
     """ONNX Runtime (CPU) against the PyTorch CPU fp32 reference, per batch size."""
-    onnx_run = OnnxRecognizer(path, provider="CPUExecutionProvider")
+    onnx_run = OnnxNet(path, [ref.spec], provider="CPUExecutionProvider")
     out = {}
     for bs in batches:
-        comparison = Comparison(model, onnx_run)
+        comparison = Comparison(ref, onnx_run)
         for start in range(0, len(inputs), bs):
             comparison.add(inputs[start : start + bs], names[start : start + bs])
         out[bs] = comparison.report()
@@ -59,53 +63,54 @@ def parity(model, path: Path, batches: tuple[int, ...], inputs: torch.Tensor, na
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    require("onnx")
+    require("onnxruntime")
+    check_opset(args.opset)
+    output_path = Path(args.output)
+    proof_path = output_path.with_name(output_path.name + ".json")
+    try:  # found unwritable before the work, not after; nothing is created under the final names
+        check_writable(output_path.parent)
+    except OSError as e:
+        exits.die(f"{printable(output_path)}: cannot write here ({e.strerror})")
+    model, checkpoint = load_checkpoint(args.checkpoint)
     try:
-        require("onnx")
-        require("onnxruntime")
-        if args.opset not in range(9, 19):
-            raise OnnxError(f"opset {args.opset} is out of range: ATC accepts ONNX opsets 9 to 18 (CANN 6.0: 9 to 13)")
-    except OnnxError as e:
-        cli.die(str(e))
-    output = Path(args.output)
-    proof_path = output.with_name(output.name + ".json")
-    for target in (output, proof_path):  # found unwritable before the work, not after
-        try:
-            with open(target, "ab"):
-                pass
-        except OSError as e:
-            cli.die(f"{printable(target)}: cannot write here ({e.strerror or one_line(e)})")
-    model, checkpoint = cli.load_model_or_exit(args.checkpoint)
-    try:
-        export(model, output, args.batch, args.opset)
-        info = inspect(output)
-    except (OnnxError, OSError) as e:
-        cli.die(f"{printable(output)}: export failed ({one_line(e)})", cli.EXIT_FAILED)
-    found = problems(info)
+        export(InferenceNet(model), SPEC, output_path, args.batch, args.opset)
+        info = inspect(output_path)
+    except OSError as e:
+        exits.die(f"{printable(output_path)}: export failed ({e.strerror or e}); nothing written", exits.EXIT_FAILED)
+    found = problems(info, SPEC)
 
-    paths, errors = expand_inputs([shown(cli.EXAMPLES)])
+    paths, errors = expand_inputs([shown(flags.EXAMPLES)])
     examples = [photo_input(p) for p in paths]
-    inputs = torch.cat([to_tensor(examples), noise_images(args.samples, 0)]) if examples else noise_images(args.samples, 0)
+    noise = random_input(args.samples, seed=0)
+    inputs = torch.cat([to_tensor(examples), noise]) if examples else noise
     names = [shown(p) for p in paths] + [f"random#{i}" for i in range(args.samples)]
-    reports = parity(model, output, DYNAMIC_BATCHES if args.batch is None else (args.batch,), inputs, names)
+    reports = parity(reference(model), output_path, DYNAMIC_BATCHES if args.batch is None else (args.batch,), inputs, names)
+    print_proof(output_path, checkpoint, info, reports)
+    failed = found + [f"parity FAIL at batch {bs}" for bs, r in reports.items() if r["verdict"] != "PASS"]
+    verdict = "PASS" if not failed else "FAIL"
+    print(f"\nexport verdict: {verdict}" + (f" ({'; '.join(failed)})" if failed else ""))
+    proof = {"onnx": str(output_path), "checkpoint": str(checkpoint), "torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=False)",
+             **info, "problems": found, "parity": {str(bs): r for bs, r in reports.items()}, "verdict": verdict, "complete": True}
+    try:
+        write_bytes_atomic(proof_path, (output.dumps(proof) + "\n").encode())
+    except OSError as e:
+        output_path.unlink(missing_ok=True)  # an unproved file is not left behind as if it were proved
+        exits.die(f"{printable(proof_path)}: cannot write the proof ({e.strerror or e}); {printable(output_path)} removed", exits.EXIT_FAILED)
+    exits.note(f"proof written to {shown(proof_path)}")
+    return 0 if not failed else exits.EXIT_FAILED
 
-    print(f"# Export: {shown(output)} ({output.stat().st_size / 1e6:.1f} MB) from {shown(checkpoint)}\n")
+
+def print_proof(path: Path, checkpoint: Path, info: dict, reports: dict) -> None:
+    print(f"# Export: {shown(path)} ({path.stat().st_size / 1e6:.1f} MB) from {shown(checkpoint)}\n")
     print(f"opset {info['opset']}, batch {info['batch']}, input {info['inputs']}, ONNX checker {info['checker']}\n")
-    print(cli.markdown_table(["operator", "count"], [[k, v] for k, v in info["op_histogram"].items()]))
+    print(output.markdown_table(["operator", "count"], [[k, v] for k, v in info["op_histogram"].items()]))
     print("\nATC operator list: " + ("all listed" if not info["ops_not_on_atc_list"] else "NOT listed: " + ", ".join(info["ops_not_on_atc_list"])))
     if info["batch"] != "dynamic":
         print("batch-dependent operators: " + (", ".join(info["batch_dependent_ops"]) or "none"))
     for bs, report in reports.items():
         print(f"\n## ONNX Runtime CPU against the PyTorch CPU fp32 reference, batch {bs}, {report['images']} inputs\n")
         print(deviation.markdown(report))
-    failed = found + [f"parity FAIL at batch {bs}" for bs, r in reports.items() if r["verdict"] != "PASS"]
-    verdict = "PASS" if not failed else "FAIL"
-    print(f"\nexport verdict: {verdict}" + (f" ({'; '.join(failed)})" if failed else ""))
-    with cli.JsonOutput(proof_path) as out:
-        out.finish({"onnx": str(output), "checkpoint": str(checkpoint), "torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=False)",
-                    **info, "problems": found, "parity": {str(bs): r for bs, r in reports.items()}, "verdict": verdict})
-    cli.note(f"proof written to {shown(proof_path)}")
-    return 0 if not failed else cli.EXIT_FAILED
-
 
 if __name__ == "__main__":
-    cli.run(main)
+    exits.run(main)

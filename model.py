@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from svhn.exits import UserError
+from svhn.network import NetworkSpec
+
 # --------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------
@@ -106,16 +109,6 @@ class Reading:
     blank_dropped: bool  # a blank stood among the digits the length asked for
     length_over_5: bool  # the length head said "more than five"
 
-    def as_dict(self) -> dict:
-        return {
-            "number": self.number,
-            "length": self.length,
-            "digits": self.digits,
-            "confidence": self.confidence,
-            "blank_dropped": self.blank_dropped,
-            "length_over_5": self.length_over_5,
-        }
-
 
 def decode(logits: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> list[Reading]:
     """Turn the six heads' logits (each N x classes) into one Reading per image."""
@@ -142,12 +135,20 @@ def decode(logits: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> list[Readin
     return readings
 
 
+def numbers(logits: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> list[str]:
+    return [r.number for r in decode(logits)]
+
+
+# What the network takes and gives, for the tools that serve any network (svhn.network).
+SPEC = NetworkSpec("recognizer", (INPUT_SIZE, INPUT_SIZE), tuple((h, (c,)) for h, c in zip(HEADS, HEAD_CLASSES)), numbers)
+
+
 # --------------------------------------------------------------------------------------------
 # Building it from a state dict
 # --------------------------------------------------------------------------------------------
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that are not the published network's; the message names the source and what is wrong."""
 
 

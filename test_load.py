@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from model import HEAD_CLASSES, NUM_PARAMETERS, WeightsError, count_parameters, decode, model_from_state_dict
-from svhn import cli, deviation, devices
+from model import HEAD_CLASSES, NUM_PARAMETERS, SPEC, WeightsError, count_parameters, decode, model_from_state_dict
+from svhn import deviation, devices, exits, flags
 from svhn.checkpoints import CheckpointError, find_checkpoint, load_state_dict
 from svhn.images import ImageError, preprocess
 from svhn.recognizer import Recognizer, reference
+from svhn.setup import resolve_device
 from svhn.text import printable
 
 
@@ -39,23 +40,20 @@ class Checks:
 
     def summary(self) -> int:
         print(f"{self.count - len(self.failed)}/{self.count} checks passed" + (f"; failed: {', '.join(self.failed)}" if self.failed else ""))
-        return cli.EXIT_FAILED if self.failed else 0
+        return exits.EXIT_FAILED if self.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
+    flags.add_model_args(parser)
     parser.add_argument("--device", default="cpu", help="device whose output is checked against the CPU reference (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=list(devices.DTYPES), help="dtype on that device (default: %(default)s)")
     parser.add_argument("--image", default=None, help="image for the forward pass (default: the first bundled example)")
     args = parser.parse_args(argv)
     check = Checks()
 
-    try:
-        path = find_checkpoint(args.checkpoint)
-    except CheckpointError as e:
-        cli.die(str(e))
-    device = cli.device_or_exit(args.device)
+    path = find_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
     print(f"checkpoint {printable(path)} ({path.stat().st_size / 1e6:.1f} MB)", flush=True)
     try:
         start = time.perf_counter()
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     n = count_parameters(model)
     check("keys, shapes and dtypes are the published network's", n == NUM_PARAMETERS, f"{len(state_dict)} keys, strict load, {n:,} parameters (published: {NUM_PARAMETERS:,})")
 
-    image = Path(args.image) if args.image else next(iter(sorted(cli.EXAMPLES.glob("*.png"))), None)
+    image = Path(args.image) if args.image else next(iter(sorted(flags.EXAMPLES.glob("*.png"))), None)
     try:
         if image is None:
             raise ImageError("no example image found; pass --image")
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImageError as e:
         check("forward pass on the CPU", False, str(e))
         return check.summary()
-    want = reference(model).logits(x)
+    want = reference(model).outputs(x)
     shapes = [tuple(t.shape) for t in want]
     finite = all(bool(torch.isfinite(t).all()) for t in want)
     check(
@@ -88,18 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         shapes == [(1, c) for c in HEAD_CLASSES] and finite,
         f"{image.name}: '{decode(want)[0].number}', head shapes {shapes}" + ("" if finite else ", NaN or Inf in the logits"),
     )
-    target = Recognizer(model, device, devices.DTYPES[args.dtype], note=cli.note)
-    got = target.logits(x)
-    report = deviation.compare(want, got, target.dtype, [image.name])
-    failed = sorted({rule for h in report["heads"].values() for rule in h["failed"]})
+    target = Recognizer(model, device, devices.DTYPES[args.dtype], note=exits.note)
+    got = target.outputs(x)
+    report = deviation.compare(want, got, SPEC, target.dtype, [image.name])
+    failed = deviation.failed_summary(report)
     check(
         f"{device} {args.dtype} output matches the CPU fp32 reference",
         report["verdict"] == "PASS",
         f"'{decode(got)[0].number}' (confidence {decode(got)[0].confidence:.3f}), max abs {report['max_abs']:.2e}, "
-        f"{target.settings['kernels']}" + (f"; {'; '.join(failed)}" if failed else ""),
+        f"{target.settings['kernels']}" + (f"; {failed}" if failed else ""),
     )
     return check.summary()
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    exits.run(main)

@@ -22,25 +22,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import SVHNModel, WeightsError, flops_per_image
-from svhn import cli, devices, roofline
-from svhn.checkpoints import find_checkpoint
-from svhn.onnx_model import OnnxError, OnnxRecognizer
+from model import SPEC, SVHNModel, WeightsError, flops_per_image
+from svhn import devices, exits, flags, output, roofline
+from svhn.checkpoints import find_checkpoint, load_model
+from svhn.images import random_input
+from svhn.network import Runnable
+from svhn.onnx_model import OnnxNet
 from svhn.recognizer import Recognizer
+from svhn.setup import recognizer, resolve_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("what to measure")
     group.add_argument("--devices", nargs="+", default=None, help="devices to measure (default: cpu and the accelerator, if any)")
-    group.add_argument("--batch-sizes", nargs="+", type=cli.positive_int, default=[1, 4, 8, 16], help="(default: %(default)s)")
-    group.add_argument("--warmup", type=cli.non_negative_int, default=10, help="untimed calls per batch size after the cold one (default: %(default)s)")
-    group.add_argument("--runs", type=cli.positive_int, default=50, help="timed calls per batch size (default: %(default)s)")
+    group.add_argument("--batch-sizes", nargs="+", type=flags.positive_int, default=[1, 4, 8, 16], help="(default: %(default)s)")
+    group.add_argument("--warmup", type=flags.non_negative_int, default=10, help="untimed calls per batch size after the cold one (default: %(default)s)")
+    group.add_argument("--runs", type=flags.positive_int, default=50, help="timed calls per batch size (default: %(default)s)")
     group.add_argument(
         "--cpu-roofline", action="store_true",
         help="the CPU in one run: default path vs plain eager NCHW at batch 1, and at batch 16 against the machine's measured fp32 peak",
     )
-    cli.add_run_args(parser)
+    flags.add_run_args(parser)
     parser.add_argument("--json", metavar="FILE", help="write every figure, the machine and the settings here")
     return parser.parse_args(argv)
 
@@ -58,13 +61,13 @@ def summary(seconds: list[float], batch_size: int) -> dict:
     }
 
 
-def measure_device(rec: Recognizer, batch_sizes: list[int], warmup: int, runs: int, bar: tqdm) -> list[dict]:
-    """One row per batch size for one prepared recognizer."""
+def measure_device(rec: Runnable, batch_sizes: list[int], warmup: int, runs: int, bar: tqdm) -> list[dict]:
+    """One row per batch size for one prepared network."""
     timer = devices.DeviceTimer(rec.device)
     rows = []
     for bs in batch_sizes:
         bar.set_description(f"{rec.device} batch {bs}")
-        cpu_batch = torch.rand(bs, 3, 54, 54) * 2 - 1
+        cpu_batch = random_input(bs, seed=bs, size=rec.spec.input_size)
         x = rec.prepare(cpu_batch)
         devices.synchronize(rec.device)
         devices.reset_peak_memory(rec.device)
@@ -76,8 +79,8 @@ def measure_device(rec: Recognizer, batch_sizes: list[int], warmup: int, runs: i
         for _ in range(runs):
             times.append(timer(lambda: rec.run(x)))
             bar.update()
-        rec.logits(cpu_batch)  # the copy back's own first call
-        e2e = [timer(lambda: rec.logits(cpu_batch)) for _ in range(max(1, runs // 5))]
+        rec.outputs(cpu_batch)  # the copy back's own first call
+        e2e = [timer(lambda: rec.outputs(cpu_batch)) for _ in range(max(1, runs // 5))]
         peak = devices.peak_memory(rec.device)
         rows.append(
             {
@@ -98,7 +101,7 @@ def cpu_roofline(model: SVHNModel, runs: int) -> dict:
     eager = Recognizer(model, "cpu", fold=False, channels_last=False)
     fast = Recognizer(model, "cpu")
     kernels = roofline.peak_kernels()
-    x1, x16 = torch.randn(1, 3, 54, 54), torch.randn(16, 3, 54, 54)
+    x1, x16 = random_input(1, seed=1), random_input(16, seed=16)
     med = roofline.interleaved_medians(
         {
             "eager_b1": lambda: eager.run(x1),
@@ -131,13 +134,7 @@ def default_devices(spec: str) -> list[str]:
     """--device auto measures the CPU and the accelerator, if any; another --device, that one."""
     if spec != "auto":
         return [spec]
-    notes: list[str] = []
-    try:
-        accel = devices.resolve("auto", notes)
-    except devices.DeviceError as e:
-        cli.die(str(e))
-    for line in notes:
-        cli.note(line)
+    accel = resolve_device("auto")
     return ["cpu"] if accel.type == "cpu" else ["cpu", str(accel)]
 
 
@@ -147,12 +144,11 @@ def load_any_model(checkpoint: str | None) -> tuple[SVHNModel, str]:
         path = find_checkpoint(checkpoint, download=False)
     except WeightsError as e:
         if checkpoint:
-            cli.die(str(e))
-        cli.note("no checkpoint found; timing random weights (speed does not depend on them)")
+            exits.die(str(e))
+        exits.note("no checkpoint found; timing random weights (speed does not depend on them)")
         torch.manual_seed(0)
         return SVHNModel().eval(), "random weights"
-    model, path = cli.load_model_or_exit(str(path))
-    return model, str(path)
+    return load_model(path), str(path)
 
 
 def markdown(results: dict) -> str:
@@ -170,17 +166,17 @@ def markdown(results: dict) -> str:
             for r in entry["rows"]
         ]
         header = ["batch", "cold start ms", "mean ms", "P50 ms", "P95 ms", "P99 ms", "images/s", "e2e mean ms", "peak MB"]
-        out.append(cli.markdown_table(header, rows) + "\n")
+        out.append(output.markdown_table(header, rows) + "\n")
     if results.get("speedup"):
         out.append("## Speed-up over the CPU (same batch size, mean latency)\n")
         rows = [[s["device"], s["batch_size"], f"{s['cpu_mean_ms']:.2f}", f"{s['device_mean_ms']:.3f}", f"{s['speedup']:.1f}x"] for s in results["speedup"]]
-        out.append(cli.markdown_table(["device", "batch", "CPU ms", "device ms", "speed-up"], rows) + "\n")
+        out.append(output.markdown_table(["device", "batch", "CPU ms", "device ms", "speed-up"], rows) + "\n")
     if results.get("cpu_roofline"):
         r = results["cpu_roofline"]
         c = r["largest_conv"]
         out.append("## CPU roofline (one run, medians of interleaved rounds)\n")
         out.append(
-            cli.markdown_table(
+            output.markdown_table(
                 ["measure", "value"],
                 [
                     ["plain eager NCHW fp32, batch 1", f"{r['eager_nchw_b1_images_per_s']:.1f} images/s"],
@@ -200,10 +196,11 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out = cli.JsonOutput(args.json) if args.json else None
+    out = output.JsonOutput(args.json) if args.json else None
     model, checkpoint = load_any_model(args.checkpoint)
+    options = flags.run_options(args)
     specs = args.devices or default_devices(args.device)
-    targets = [cli.device_or_exit(spec) for spec in specs]
+    targets = [resolve_device(spec) for spec in specs]
     results: dict = {
         "checkpoint": checkpoint,
         "settings": {"dtype": args.dtype, "warmup": args.warmup, "runs": args.runs, "batch_sizes": args.batch_sizes,
@@ -211,15 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": devices.environment(torch.device("cpu")),
         "devices": [],
     }
-    try:
-        onnx_target = OnnxRecognizer(args.onnx) if args.onnx else None
-    except OnnxError as e:
-        cli.die(str(e))
+    onnx_target = OnnxNet(args.onnx, [SPEC]) if args.onnx else None
     steps = (len(targets) + bool(onnx_target)) * len(args.batch_sizes) * (args.warmup + args.runs)
     with tqdm(total=steps, desc="measuring", unit="call", file=sys.stderr, disable=None) as bar:
         for device in targets:
             mode = devices.set_fp32_mode(device, args.fp32_mode)
-            rec = cli.recognizer(args, model, device)
+            rec = recognizer(options, model, device)
             results["devices"].append(
                 {
                     "device": str(device),
@@ -250,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             for c, r in zip(cpu["rows"], d["rows"])
         ]
     if args.cpu_roofline:
-        cli.note("measuring the CPU targets (interleaved rounds)")
+        exits.note("measuring the CPU targets (interleaved rounds)")
         results["cpu_roofline"] = cpu_roofline(model, args.runs)
     m = results["machine"]
     print(f"# Performance: {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}\n")
@@ -262,4 +256,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    exits.run(main)

@@ -15,40 +15,42 @@ import svhn  # noqa: F401  (first: keeps torch_npu from loading itself at `impor
 
 import argparse
 
-from svhn import cli, deviation
+from svhn import deviation, exits, flags, output
 from svhn.devices import environment
-from svhn.images import expand_inputs, noise_images, photo_input
-from svhn.recognizer import Comparison
+from svhn.images import Failures, expand_inputs, photo_input, random_input, readable_batches
+from svhn.network import Comparison
+from svhn.recognizer import reference
+from svhn.setup import setup
 from svhn.text import shown
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("inputs")
-    group.add_argument("--samples", type=cli.non_negative_int, default=100, help="seeded random images (default: %(default)s)")
+    group.add_argument("--samples", type=flags.non_negative_int, default=100, help="seeded random images (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0, help="seed of the random images (default: %(default)s)")
     group.add_argument("--images", nargs="*", default=None, help="real images: files, folders, globs (default: examples/)")
-    cli.add_loader_args(group, batch_size=16)
-    cli.add_run_args(parser)
+    flags.add_loader_args(group, batch_size=16)
+    flags.add_run_args(parser)
     parser.add_argument("--json", metavar="FILE", help="write every figure, the versions and the settings here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    paths, problems = expand_inputs(args.images if args.images is not None else [shown(cli.EXAMPLES)])
-    failures = cli.Failures(problems)
-    out = cli.JsonOutput(args.json) if args.json else None
-    run = cli.setup(args)
-    comparison = Comparison(run.model, run.recognizer)
+    paths, problems = expand_inputs(args.images if args.images is not None else [shown(flags.EXAMPLES)])
+    failures = Failures(problems)
+    out = output.JsonOutput(args.json) if args.json else None
+    run = setup(flags.run_options(args))
+    comparison = Comparison(reference(run.model), run.recognizer)
 
-    noise = noise_images(args.samples, args.seed)
+    noise = random_input(args.samples, args.seed)
     for start in range(0, args.samples, args.batch_size):
         comparison.add(noise[start : start + args.batch_size], [f"random#{i}" for i in range(start, min(start + args.batch_size, args.samples))])
-    for done, batch in cli.batches(paths, photo_input, args, failures):
+    for done, batch in readable_batches(paths, photo_input, args.batch_size, args.workers, failures):
         comparison.add(batch, [shown(p) for p in done])
     if not comparison.names:
-        cli.die("no inputs: --samples is 0 and no image could be read", cli.EXIT_FAILED)
+        exits.die("no inputs: --samples is 0 and no image could be read", exits.EXIT_FAILED)
 
     report = comparison.report()
     real = len(comparison.names) - args.samples
@@ -57,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# Precision: {env['device_name']} ({run.device}, {args.dtype}) against CPU fp32\n")
     print(f"inputs: {args.samples} random images (seed {args.seed}) + {real} real images" + (f" ({failures.count} unreadable, left out)" if failures.count else ""))
     print(f"reference: cpu float32, IEEE, published module (BatchNorm not folded); checkpoint {shown(run.checkpoint)}")
-    print(
-        f"target: {run.device} {args.dtype}, fp32 conv {run.fp32_mode['conv']} / matmul {run.fp32_mode['matmul']}, "
-        f"{s['kernels']}, {s['memory_format']}, graph {s['graph_mode']}; torch {env['torch']}"
-        + (f", torch_npu {env.get('torch_npu')}, CANN {env.get('cann')}" if run.device.type == "npu" else "")
-    )
+    print(f"target: {run.header()}; torch {env['torch']}" + (f", torch_npu {env.get('torch_npu')}, CANN {env.get('cann')}" if run.device.type == "npu" else ""))
     print()
     print(deviation.markdown(report))
     if out:
@@ -75,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 "environment": env,
             }
         )
-    return cli.EXIT_FAILED if report["verdict"] == "FAIL" else 0
+    return exits.EXIT_FAILED if report["verdict"] == "FAIL" else 0
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    exits.run(main)

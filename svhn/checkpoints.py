@@ -9,12 +9,14 @@ import pickle
 import re
 import socket
 import stat
-import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from model import SVHNModel, WeightsError, model_from_state_dict
+from svhn.files import write_atomic
 from svhn.text import one_line, printable
 
 MODEL_ID = "Genius-Society/svhn"
@@ -37,14 +39,13 @@ class CheckpointError(WeightsError):
 
 
 def normalise_keys(state_dict: dict) -> dict:
-    """Strip the prefixes that DataParallel, DDP and torch.compile add to every key."""
-    out = {}
-    for key, value in state_dict.items():
-        key = str(key)
-        while key.startswith(_PREFIXES):
-            key = next(key[len(p):] for p in _PREFIXES if key.startswith(p))
-        out[key] = value
-    return out
+    """Strip the prefixes that DataParallel, DDP and torch.compile add to every key (nested, as
+    a compiled DDP module writes them: module._orig_mod.)."""
+    out = OrderedDict((str(k), v) for k, v in state_dict.items())
+    while any(k.startswith(_PREFIXES) for k in out):
+        for prefix in _PREFIXES:
+            consume_prefix_in_state_dict_if_present(out, prefix)
+    return dict(out)
 
 
 def checkpoint_in_dir(directory: Path) -> Path:
@@ -137,7 +138,12 @@ def find_checkpoint(explicit: str | os.PathLike | None = None, download: bool = 
             path = Path(given).expanduser()
             if not path.exists():
                 raise CheckpointError(f"{printable(path)}: no such file or folder (given by {what})")
-            return checkpoint_in_dir(path) if path.is_dir() else path
+            if not path.is_dir():
+                return path
+            try:
+                return checkpoint_in_dir(path)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e} (given by {what})") from None
     here = Path(__file__).resolve().parents[1]
     for folder in [Path.cwd() / "checkpoints", here / "checkpoints", *modelscope_cache_dirs()]:
         if folder.is_dir():
@@ -172,18 +178,8 @@ def _download() -> Path:
 
 
 def save_atomic(obj: object, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file beside `path`, then rename: a kill mid-save never leaves a
+    """torch.save through svhn.files.write_atomic: a kill or a full disk mid-save never leaves a
     broken file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: torch.save(obj, f))

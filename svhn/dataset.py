@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import BLANK
-from svhn.images import CROP, CROP_OFFSET, MEAN, RESIZE, STD, labelled_crop, load_ahead
-from svhn.labels import MAX_DIGITS, find_labels, read_labels
+from svhn.images import CROP, CROP_OFFSET, RESIZE, labelled_crop, load_ahead, to_tensor
+from svhn.labels import MAX_DIGITS, find_labels, head_targets, labelled_set
 from svhn.text import printable
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries naming files outside their folder are left out
 
 
 @dataclass
@@ -43,10 +42,6 @@ class CropSet:
         return len(self.files)
 
 
-def targets_of(digits: list[int]) -> list[int]:
-    return [len(digits)] + digits + [BLANK] * (MAX_DIGITS - len(digits))
-
-
 def fingerprint(folder: Path, labels: Path) -> str:
     """Changes when the labels file or any file in the folder is added, removed or rewritten."""
     h = hashlib.sha256(f"v{CACHE_VERSION} {labels.resolve()}".encode())
@@ -56,9 +51,10 @@ def fingerprint(folder: Path, labels: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def load_folder(folder: Path, cache_root: Path, workers: int = 2, report=print) -> CropSet:
+def load_folder(folder: Path, cache_root: Path, workers: int = 2, report=print, warn=lambda line: None) -> CropSet:
     """The crops of one labelled folder, from the cache or built into it (with a progress bar).
-    Records that cannot be used are reported (one line each, through `report`) and left out."""
+    Records that cannot be used are reported (one line each, through `report`) and left out;
+    the labels' warnings go to `warn`, from the cache too."""
     labels = find_labels(folder, None)
     cache = cache_root / fingerprint(folder, labels)
     meta_path = cache / "meta.json"
@@ -66,12 +62,13 @@ def load_folder(folder: Path, cache_root: Path, workers: int = 2, report=print) 
         meta = json.loads(meta_path.read_text())
         for line in meta["left_out"]:
             report(line)
+        for line in meta["warnings"]:
+            warn(line)
         n = len(meta["files"])
         crops = np.memmap(cache / "crops.u8", dtype=np.uint8, mode="r", shape=(n, RESIZE, RESIZE, 3)) if n else np.zeros((0, RESIZE, RESIZE, 3), np.uint8)
         return CropSet(crops, np.load(cache / "targets.npy"), meta["files"])
-    records, errors, warnings = read_labels(labels)
-    left_out = list(errors) + [f"{printable(folder / r.file)}: {len(r.digits)} digits, more than {MAX_DIGITS}; left out" for r in records if len(r.digits) > MAX_DIGITS]
-    records = [r for r in records if len(r.digits) <= MAX_DIGITS]
+    found = labelled_set(folder)
+    left_out, records, warnings = found.errors + found.too_long, found.records, found.warnings
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -84,7 +81,7 @@ def load_folder(folder: Path, cache_root: Path, workers: int = 2, report=print) 
             for r, array in zip(done, batch):
                 crops[len(kept)] = array
                 kept.append(r.file)
-                targets.append(targets_of(r.digits))
+                targets.append(head_targets(r.digits))
             bar.update(len(done) + len(failed))
     crops.flush()
     del crops
@@ -96,6 +93,8 @@ def load_folder(folder: Path, cache_root: Path, workers: int = 2, report=print) 
         os.replace(tmp, cache)
     for line in left_out:
         report(line)
+    for line in warnings:
+        warn(line)
     return load_folder(folder, cache_root, workers, report=lambda line: None)
 
 
@@ -113,5 +112,4 @@ def batch_tensor(crops: np.ndarray, offsets: np.ndarray | None = None) -> torch.
         out = crops[:, CROP_OFFSET : CROP_OFFSET + CROP, CROP_OFFSET : CROP_OFFSET + CROP]
     else:
         out = np.stack([crops[i, y : y + CROP, x : x + CROP] for i, (y, x) in enumerate(offsets)]) if n else np.zeros((0, CROP, CROP, 3), np.uint8)
-    t = torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2).float().div_(255)
-    return t.sub_(MEAN).div_(STD)
+    return to_tensor(out)

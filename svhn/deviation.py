@@ -1,9 +1,11 @@
 """How far a device's output is from the reference, and whether that is acceptable.
 
-One implementation of the statistics and the verdict for every caller: `inference.py --compare`,
-`evaluation/eval_precision.py`, `test_load.py`, the packed CPU path's self-check and export.py.
+One implementation of the statistics and the verdict for every caller and every network:
+`inference.py --compare`, `evaluation/eval_precision.py`, `test_load.py`, the packed CPU path's
+self-check and export.py. The network's NetworkSpec names the outputs and says what each image
+reads as; each output is compared image by image, flattened.
 
-Rules (Ascend msprobe's compare rules, applied per head to the raw logits):
+Rules (Ascend msprobe's compare rules, applied per output to the raw values):
   FAIL when the output holds NaN or Inf; when cosine < 0.9; when max abs error > 1; or when
   cosine < 0.99 and max abs error > 1e-3 at the same time.
 For float16 and bfloat16 one more rule, chosen here because an absolute bound means nothing
@@ -20,7 +22,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from model import HEADS, decode
 
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 ROUNDINGS_ALLOWED = 4
@@ -46,9 +47,9 @@ def rules_text(dtype: torch.dtype = torch.float32) -> str:
 
 
 def head_stats(ref: torch.Tensor, out: torch.Tensor) -> dict:
-    """Deviation of one head's logits (N x classes) from the reference, in float64."""
-    r = ref.detach().double().cpu()
-    o = out.detach().double().cpu()
+    """Deviation of one output (N x anything, flattened per image) from the reference, in float64."""
+    r = ref.detach().double().cpu().reshape(ref.shape[0], -1)
+    o = out.detach().double().cpu().reshape(out.shape[0], -1)
     nonfinite = int((~torch.isfinite(o)).sum())
     d = (o - r).abs()
     flat = d.flatten().numpy()
@@ -87,26 +88,33 @@ def failed_rules(stats: dict, dtype: torch.dtype = torch.float32) -> list[str]:
     return failed
 
 
+def failed_summary(report: dict) -> str:
+    """The rules any output of a report breaks, each once, as one phrase."""
+    return "; ".join(sorted({rule for h in report["heads"].values() for rule in h["failed"]}))
+
+
 def compare(
     ref: Sequence[torch.Tensor],
     out: Sequence[torch.Tensor],
+    spec,
     dtype: torch.dtype = torch.float32,
     images: Sequence[str] | None = None,
 ) -> dict:
-    """Per-head statistics and verdicts, whole-number agreement, the worst image, the verdict."""
+    """Per-output statistics and verdicts, agreement of the final readings (spec.readings), the
+    worst image, the verdict."""
     n = ref[0].shape[0]
     images = list(images) if images is not None else [f"#{i}" for i in range(n)]
     heads = {}
-    for name, r, o in zip(HEADS, ref, out):
+    for name, r, o in zip(spec.output_names, ref, out):
         stats = head_stats(r, o)
         stats["worst_image_name"] = images[stats["worst_image"]]
         stats["failed"] = failed_rules(stats, dtype)
         stats["verdict"] = "FAIL" if stats["failed"] else "PASS"
         heads[name] = stats
-    ref_numbers = [x.number for x in decode(ref)]
-    out_numbers = [x.number for x in decode(out)]
+    ref_numbers = spec.readings(ref)
+    out_numbers = spec.readings(out)
     differ = [images[i] for i in range(n) if ref_numbers[i] != out_numbers[i]]
-    per_image = torch.stack([(o.double() - r.double()).abs().amax(dim=1) for r, o in zip(ref, out)]).amax(dim=0)
+    per_image = torch.stack([(o.double() - r.double()).abs().reshape(n, -1).amax(dim=1) for r, o in zip(ref, out)]).amax(dim=0)
     per_image = torch.nan_to_num(per_image, nan=math.inf)
     worst = int(per_image.argmax())
     return {

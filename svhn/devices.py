@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from svhn.exits import UserError
+
 from svhn.text import one_line
 
 CANN_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
@@ -32,7 +34,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 FP32_MODES = ("default", "strict", "fast")
 
 
-class DeviceError(Exception):
+class DeviceError(UserError):
     """A device that cannot be used; the message says why and what to do."""
 
 
@@ -144,6 +146,12 @@ def _visible_env(kind: str) -> str:
 def accelerator(device: torch.device):
     """torch.npu / torch.cuda for an accelerator, None for the CPU."""
     return None if device.type == "cpu" else torch.get_device_module(device.type)
+
+
+def default_channels_last(device: torch.device, asked: bool | None = None) -> bool:
+    """NHWC activations unless asked otherwise: on for CPU and CUDA, whose convolutions are
+    fastest in it; off for the NPU, whose kernels choose their own layouts."""
+    return (device.type != "npu") if asked is None else asked
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,12 +8,13 @@ on Ascend NPUs, NCCL on CUDA, gloo on the CPU.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from svhn import cli, devices
+from svhn import devices
 
 
 def launched() -> bool:
@@ -22,21 +23,22 @@ def launched() -> bool:
 
 
 class Ranks:
-    """This process's place among torchrun's (rank 0 of 1 without torchrun)."""
+    """This process's place among torchrun's (rank 0 of 1 without torchrun), and its device:
+    the kind --device names, at index LOCAL_RANK. Raises devices.DeviceError when there is no
+    such device; rank 0 reports why auto chose what it chose through `note`."""
 
-    def __init__(self, device_spec: str) -> None:
+    def __init__(self, device_spec: str, note: Callable[[str], None] = lambda line: None) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         notes: list[str] = []
-        try:
-            kind = devices.resolve(device_spec, notes).type
-            self.device = devices.resolve(f"{kind}:{local}" if kind != "cpu" else "cpu")
-        except devices.DeviceError as e:
-            cli.die(str(e))
+        device = devices.resolve(device_spec, notes)
+        if device.type != "cpu" and device.index != local:  # a torchrun rank: its own device of that kind
+            device = devices.resolve(f"{device.type}:{local}")
+        self.device = device
         if self.rank == 0:
             for line in notes:
-                cli.note(line)
+                note(line)
         if self.world > 1:
             backend = {"npu": "hccl", "cuda": "nccl"}.get(self.device.type, "gloo")
             dist.init_process_group(backend=backend, device_id=self.device if self.device.type != "cpu" else None)
@@ -64,6 +66,18 @@ class Ranks:
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         return bool(low == high)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's obj on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def gather(self, obj: object) -> list[object]:
         """Every rank's obj, in rank order (a list of one without torchrun)."""

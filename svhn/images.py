@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from svhn.exits import UserError
+
 from svhn.text import one_line, printable
 
 RESIZE = 64
@@ -44,8 +46,13 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
-class ImageError(Exception):
-    """An input that cannot be read; str() is one line that names the file."""
+class ImageError(UserError):
+    """An input that cannot be read; str() is one line that names the file. `spec` is the input
+    as the user gave it, where that is not a file (a glob, a folder)."""
+
+    def __init__(self, message: str, spec: str | None = None) -> None:
+        super().__init__(message)
+        self.spec = spec
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,10 +168,33 @@ def photo_input(source: str | os.PathLike | bytes | Image.Image) -> np.ndarray:
     return resize_and_crop(open_image(source))
 
 
-def noise_images(n: int, seed: int) -> torch.Tensor:
-    """n uint8 54 x 54 RGB images of uniform noise, reproducible from the seed, as network input."""
+# A digit needs some 8 pixels of height to be told from another (SVHN's smallest digit boxes are
+# about that tall), and a photo stretched past 10:1 to the network's square input squashes any
+# number it holds into strokes.
+MIN_SIDE = 8
+MAX_ASPECT = 10
+
+
+def size_note(width: int, height: int) -> str | None:
+    """Why an image of this size cannot hold a readable number (None when it can)."""
+    if min(width, height) < MIN_SIDE:
+        return f"{width}x{height} pixels, too small to hold a readable number (under {MIN_SIDE} pixels on a side); read anyway"
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return f"{width}x{height} pixels, too thin to hold a readable number (more than {MAX_ASPECT}:1, squashed to a square); read anyway"
+    return None
+
+
+def photo_input_noted(source: str | os.PathLike | bytes) -> tuple[np.ndarray, str | None]:
+    """photo_input, and size_note's word on the photo."""
+    img = open_image(source)
+    return resize_and_crop(img), size_note(*img.size)
+
+
+def random_input(n: int, seed: int = 0, size: tuple[int, int] = (CROP, CROP)) -> torch.Tensor:
+    """n RGB images of uniform uint8 noise (height x width `size`), reproducible from the seed,
+    as network input: what every self-check, timing and random comparison feeds a network."""
     g = torch.Generator().manual_seed(seed)
-    return to_tensor(torch.randint(0, 256, (n, CROP, CROP, 3), generator=g, dtype=torch.uint8).numpy())
+    return to_tensor(torch.randint(0, 256, (n, *size, 3), generator=g, dtype=torch.uint8).numpy())
 
 
 def preprocess(source: str | os.PathLike | bytes | Image.Image) -> torch.Tensor:
@@ -292,12 +322,14 @@ def load_ahead(
     (to_batch=False: the loaded arrays as they are, a list).
 
     load(item) returns a 54x54x3 uint8 array or raises ImageError. Decoding runs on `workers`
-    threads (Pillow releases the GIL) up to two batches ahead, so the device is not kept waiting.
+    threads (Pillow releases the GIL; 0: in the caller's thread) up to two batches ahead, so the
+    device is not kept waiting. Not torch's DataLoader: an item that fails is reported by name
+    and the batch goes on without it, in input order, with no worker processes to start.
     """
-    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
     pending: deque = deque()
     it = iter(items)
-    window = 2 * batch_size + workers
+    window = 2 * batch_size + workers if workers > 0 else 1
 
     def fill() -> None:
         while len(pending) < window:
@@ -305,7 +337,7 @@ def load_ahead(
                 item = next(it)
             except StopIteration:
                 return
-            pending.append((item, pool.submit(_try_load, load, item)))
+            pending.append((item, pool.submit(_try_load, load, item) if pool else _Done(_try_load(load, item))))
 
     try:
         fill()
@@ -322,7 +354,43 @@ def load_ahead(
                 fill()
             yield done, ((to_tensor(arrays) if arrays else None) if to_batch else arrays), failed
     finally:  # Ctrl-C or a closed pipe: drop what is queued instead of decoding it first
-        pool.shutdown(wait=False, cancel_futures=True)
+        if pool:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Failures:
+    """Counts inputs that could not be read; each is reported (default: on stderr) as it happens."""
+
+    def __init__(self, lines: Iterable[str] = (), report: Callable[[str], None] | None = None) -> None:
+        self.count = 0
+        self.lines: list[str] = []
+        self._report = report or (lambda line: print(f"error: {line}", file=sys.stderr, flush=True))
+        self.add(lines)
+
+    def add(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self._report(line)
+            self.lines.append(line)
+            self.count += 1
+
+
+def readable_batches(items: Sequence, load: Callable, batch_size: int, workers: int, failures: Failures) -> Iterator[tuple[list, torch.Tensor]]:
+    """(items, input batch) for every batch with at least one readable item (load_ahead); the
+    others are reported through `failures`."""
+    for done, batch, errors in load_ahead(items, load, batch_size, workers):
+        failures.add(message for _, message in errors)
+        if batch is not None:
+            yield done, batch
+
+
+class _Done:
+    """A result loaded in the main thread (--workers 0), with a future's result()."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def _try_load(load: Callable, item: object) -> tuple[np.ndarray | None, str | None]:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from svhn.exits import UserError
+
 from model import BLANK
 from svhn.text import one_line, printable
 
@@ -24,7 +26,7 @@ MAX_DIGITS = 5
 LABEL_FILES = ("digitStruct.mat", "labels.json", "labels.csv")
 
 
-class LabelError(Exception):
+class LabelError(UserError):
     """Labels that cannot be read at all; the message names the file."""
 
 
@@ -41,7 +43,12 @@ class Record:
     @property
     def target(self) -> list[int]:
         """What the five digit heads should read: the digits, then 10 (no digit)."""
-        return self.digits + [BLANK] * (MAX_DIGITS - len(self.digits))
+        return head_targets(self.digits)[1:]
+
+
+def head_targets(digits: list[int]) -> list[int]:
+    """What the six heads should read for these digits: the length, then the digits, then 10."""
+    return [len(digits)] + digits + [BLANK] * (MAX_DIGITS - len(digits))
 
 
 def _check_boxes(boxes: list[list[float]], n_digits: int) -> None:
@@ -192,6 +199,47 @@ def find_labels(data: Path, labels: str | None) -> Path:
         if (data / name).is_file():
             return data / name
     raise LabelError(f"{printable(data)}: no labels ({', '.join(LABEL_FILES)}) in this folder; pass --labels FILE")
+
+
+@dataclass
+class LabelledSet:
+    """A labelled folder read for use: its labels file, the records that can be used, one error
+    line per record that could not be (unreadable, or naming a file outside the folder), one
+    line per record with more digits than the network reads, the counts, and warnings."""
+
+    labels: Path
+    records: list[Record]
+    errors: list[str]
+    too_long: list[str]
+    left_out: dict[str, int]
+    warnings: list[str]
+
+
+def labelled_set(data: Path, labels: str | None = None) -> LabelledSet:
+    """Find the labels of `data`, read them, and keep the records with at most MAX_DIGITS digits."""
+    path = find_labels(data, labels)
+    records, errors, warnings = read_labels(path)
+    outside = [(r, why) for r in records if (why := escapes(data, r.file))]
+    escaped = {id(r) for r, _ in outside}
+    records = [r for r in records if id(r) not in escaped]
+    usable = [r for r in records if len(r.digits) <= MAX_DIGITS]
+    too_long = [f"{printable(data / r.file)}: {len(r.digits)} digits, more than {MAX_DIGITS}; left out" for r in records if len(r.digits) > MAX_DIGITS]
+    refused = [f"{printable(path)}: entry {printable(r.file)} refused: {why}" for r, why in outside]
+    counts = {"unreadable labels": len(errors), "outside the data folder": len(refused), "more than 5 digits": len(too_long)}
+    return LabelledSet(path, usable, list(errors) + refused, too_long, counts, warnings)
+
+
+def escapes(data: Path, file: str) -> str | None:
+    """Why a labels entry names a file outside its data folder (None when it does not): a labels
+    file is someone else's data, and may name only the images beside it. Symbolic links are
+    followed, so a link inside the folder that points out is refused too."""
+    if Path(file).is_absolute():
+        return f"an absolute path, outside {printable(data)}"
+    try:
+        inside = (data / file).resolve().is_relative_to(data.resolve())
+    except (OSError, RuntimeError, ValueError) as e:  # a link loop, a NUL byte
+        return f"cannot be resolved ({one_line(e)})"
+    return None if inside else f"resolves outside {printable(data)}"
 
 
 def read_labels(path: Path) -> tuple[list[Record], list[str], list[str]]:

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from model import CHANNELS, HEAD_CLASSES, INPUT_SIZE
+from model import HEAD_CLASSES, conv_layers
 
 
 class OneDnnOps(NamedTuple):
@@ -48,13 +48,11 @@ class PackedCpuNet(nn.Module):
         super().__init__()
         self.ops = ops()
         self.convs = []
-        shape = [1, CHANNELS[0], INPUT_SIZE, INPUT_SIZE]
         layers = list(net.features)
-        for conv, pool in zip(layers[0::3], layers[2::3]):
+        for conv, pool, geometry in zip(layers[0::3], layers[2::3], conv_layers()):
+            shape = [1, geometry["cin"], geometry["side"], geometry["side"]]  # the input this convolution sees
             w = self.ops.reorder_conv_weight(conv.weight.detach().to_mkldnn(), conv.padding, conv.stride, conv.dilation, conv.groups, shape)
             self.convs.append((w, conv.bias.detach(), conv.padding, conv.stride, conv.dilation, pool))
-            side = (shape[2] + 2 * pool.padding - pool.kernel_size) // pool.stride + 1
-            shape = [1, conv.out_channels, side, side]
         self.linears = [(lin.weight.detach().to_mkldnn(), lin.bias.detach().to_mkldnn()) for lin in (net.fc[0], net.fc[2], net.heads)]
         self.eval()
 

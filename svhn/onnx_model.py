@@ -1,5 +1,6 @@
-"""The network as an ONNX file: writing it (for Ascend's ATC/OM path and ONNX Runtime), checking
+"""A network as an ONNX file: writing it (for Ascend's ATC/OM path and ONNX Runtime), checking
 what was written, and running it with ONNX Runtime as one more target of the existing tools.
+Which network is a NetworkSpec (svhn.network): its input size and named outputs.
 
 The exporter is torch's TorchScript-based one (torch.onnx.export(dynamo=False)): it is in every
 torch this project supports (2.6 and later), needs no onnxscript, and writes opset 11, which
@@ -17,21 +18,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import HEAD_CLASSES, HEADS, INPUT_SIZE, Reading, SVHNModel, decode
-from svhn.recognizer import InferenceNet
+from torch import nn
+
+from svhn.exits import UserError
+
+from svhn.files import write_bytes_atomic
+from svhn.network import NetworkSpec
 from svhn.text import one_line, printable
 
 INPUT_NAME = "image"
 DEFAULT_OPSET = 11  # CANN 6.0 accepts 9-13, CANN 7.0 and 8.x 9-18
 OPSETS = range(9, 19)
-# The operators ATC converts (CANN's ONNX operator list) among those this network can need.
-ATC_OPS = {"Conv", "Relu", "MaxPool", "Gemm", "MatMul", "Add", "Flatten", "Reshape", "Split", "Slice", "Identity", "Constant"}
+# The operators ATC converts (CANN's ONNX operator list) among those these networks can need.
+ATC_OPS = {"Conv", "Relu", "MaxPool", "Gemm", "MatMul", "Add", "Mul", "Sigmoid", "Concat", "Resize", "Upsample", "BatchNormalization",
+           "Flatten", "Reshape", "Split", "Slice", "Identity", "Constant", "Transpose"}
 # Operators whose result follows the batch size at run time: none may remain at a fixed batch.
 BATCH_DEPENDENT_OPS = {"Shape", "Size", "ConstantOfShape", "Expand", "Range", "NonZero", "Tile", "Gather"}
 PROVIDERS = ("CANNExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
-class OnnxError(Exception):
+class OnnxError(UserError):
     """An ONNX file or tool that cannot be used; the message says why in one line."""
 
 
@@ -43,25 +49,24 @@ def require(name: str):
         raise OnnxError(f"{name} is not installed: pip install -r requirements-export.txt (onnx and onnxruntime)") from None
 
 
-def export(model: SVHNModel, path: str | os.PathLike, batch: int | None = None, opset: int = DEFAULT_OPSET) -> Path:
-    """Write the folded network (InferenceNet) to `path`: input `image` (N x 3 x 54 x 54 float32,
-    already normalised), outputs length, digit1 .. digit5; N fixed when batch is given, else a
-    dynamic axis. Written to memory first, so a failed export leaves no file."""
+def check_opset(opset: int) -> None:
     if opset not in OPSETS:
         raise OnnxError(f"opset {opset} is out of range: ATC accepts ONNX opsets {OPSETS.start} to {OPSETS.stop - 1} (CANN 6.0: 9 to 13)")
-    net = InferenceNet(model).eval()
-    example = torch.zeros(batch or 1, 3, INPUT_SIZE, INPUT_SIZE)
-    axes = None if batch else {name: {0: "batch"} for name in (INPUT_NAME, *HEADS)}
+
+
+def export(net: nn.Module, spec: NetworkSpec, path: str | os.PathLike, batch: int | None = None, opset: int = DEFAULT_OPSET) -> Path:
+    """Write `net` (the network's inference form) to `path`: input `image` (N x 3 x H x W float32,
+    already normalised), the spec's outputs by name; N fixed when batch is given, else a dynamic
+    axis. Exported to memory, then written atomically: a failed export leaves no file."""
+    check_opset(opset)
+    example = torch.zeros(spec.input_shape(batch or 1))
+    axes = None if batch else {name: {0: "batch"} for name in (INPUT_NAME, *spec.output_names)}
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the exporter announces its own deprecation; we chose it on purpose
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=list(HEADS), dynamic_axes=axes, do_constant_folding=True)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+        torch.onnx.export(net.eval(), (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                          output_names=list(spec.output_names), dynamic_axes=axes, do_constant_folding=True)
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def inspect(path: str | os.PathLike) -> dict:
@@ -83,6 +88,7 @@ def inspect(path: str | os.PathLike) -> dict:
     inputs = {v.name: shape(v) for v in proto.graph.input}
     batch = inputs.get(INPUT_NAME, [None])[0]
     return {
+        "path": str(path),
         "checker": "passed",
         "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         "inputs": inputs,
@@ -94,13 +100,14 @@ def inspect(path: str | os.PathLike) -> dict:
     }
 
 
-def problems(info: dict) -> list[str]:
-    """What makes an exported file unfit for ATC or for this project's callers."""
+def problems(info: dict, spec: NetworkSpec) -> list[str]:
+    """What makes an exported file unfit for ATC or for this project's callers of `spec`'s network."""
     found = []
-    if list(info["inputs"]) != [INPUT_NAME] or info["inputs"][INPUT_NAME][1:] != [3, INPUT_SIZE, INPUT_SIZE]:
-        found.append(f"input should be {INPUT_NAME} N x 3 x {INPUT_SIZE} x {INPUT_SIZE}, is {info['inputs']}")
-    if list(info["outputs"]) != list(HEADS) or [s[1] for s in info["outputs"].values()] != list(HEAD_CLASSES):
-        found.append(f"outputs should be {', '.join(HEADS)} with {HEAD_CLASSES} classes, are {info['outputs']}")
+    h, w = spec.input_size
+    if list(info["inputs"]) != [INPUT_NAME] or info["inputs"][INPUT_NAME][1:] != [3, h, w]:
+        found.append(f"input should be {INPUT_NAME} N x 3 x {h} x {w}, is {info['inputs']}")
+    if [(name, tuple(shape[1:])) for name, shape in info["outputs"].items()] != list(spec.outputs):
+        found.append(f"outputs should be {', '.join(f'{n} N x {tuple(s)}' for n, s in spec.outputs)}, are {info['outputs']}")
     if info["ops_not_on_atc_list"]:
         found.append(f"operators ATC does not list: {', '.join(info['ops_not_on_atc_list'])}")
     if info["batch"] != "dynamic" and info["batch_dependent_ops"]:
@@ -108,21 +115,32 @@ def problems(info: dict) -> list[str]:
     return found
 
 
-class OnnxRecognizer:
-    """An ONNX file run by ONNX Runtime, with the Recognizer's interface (prepare, run, logits,
-    read, dtype, device, settings), so every tool takes it as one more target.
+def spec_of(info: dict, specs: list[NetworkSpec]) -> NetworkSpec:
+    """Which of these networks an inspected file holds, by its output names."""
+    for spec in specs:
+        if list(info["outputs"]) == list(spec.output_names):
+            return spec
+    raise OnnxError(f"{printable(info['path'])}: outputs {', '.join(info['outputs'])} are none of this project's networks' "
+                    f"({'; '.join(', '.join(s.output_names) for s in specs)})")
+
+
+class OnnxNet:
+    """An ONNX file run by ONNX Runtime, a svhn.network.Runnable (prepare, run, outputs, spec,
+    dtype, device, settings), so every tool takes it as one more target. The spec is the one of
+    `specs` whose outputs the file names.
 
     The execution provider is the first installed of CANN (onnxruntime-cann), CUDA and CPU, or
     the one asked for. A fixed-batch file gets batches of its own size (the last one padded).
     """
 
-    def __init__(self, path: str | os.PathLike, provider: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, specs: list[NetworkSpec], provider: str | None = None) -> None:
         ort = require("onnxruntime")
         available = ort.get_available_providers()
         if provider is not None and provider not in available:
             raise OnnxError(f"ONNX Runtime has no {provider} here (installed: {', '.join(available)})")
         self.provider = provider or next(p for p in PROVIDERS if p in available)
         info = inspect(path)
+        self.spec = spec_of(info, specs)
         self.batch = info["batch"] if isinstance(info["batch"], int) else None
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
@@ -135,7 +153,6 @@ class OnnxRecognizer:
         self.path = Path(path)
         self.dtype = torch.float32
         self.device = torch.device("cpu")  # where its inputs and outputs live; the provider says where it runs
-        self.notes: list[str] = []
         self.settings = {
             "runtime": f"onnxruntime {ort.__version__}",
             "provider": self.provider,
@@ -162,10 +179,7 @@ class OnnxRecognizer:
             if n < self.batch:
                 part = np.concatenate([part, np.zeros((self.batch - n, *part.shape[1:]), dtype=part.dtype)])
             chunks.append([o[:n] for o in self.session.run(None, {INPUT_NAME: part})])
-        return [np.concatenate([c[h] for c in chunks]) for h in range(len(HEADS))]
+        return [np.concatenate([c[h] for c in chunks]) for h in range(len(self.spec.outputs))]
 
-    def logits(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in self.run(self.prepare(batch)))
-
-    def read(self, batch: torch.Tensor) -> list[Reading]:
-        return decode(self.logits(batch))

@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from svhn.exits import UserError
+
 
 SYSTEM_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "/Library/Fonts", "/System/Library/Fonts", "C:/Windows/Fonts")
 
 
-class FontError(Exception):
+class FontError(UserError):
     """No font that draws digits could be found; the message says where we looked."""
 
 

@@ -7,6 +7,7 @@ import svhn  # noqa: F401  (first, as in every script: keeps torch_npu from load
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,15 @@ def run_cli(
 def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in result.stderr, result.stderr
     assert "Traceback" not in result.stdout, result.stdout
+
+
+def without_root_privilege() -> tuple:
+    """A command prefix under which permission bits hold: root reads every folder, so as root the
+    CLI runs without the capabilities that bypass them (setpriv, from util-linux)."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: permission bits cannot be made to hold")
+    drop = "-dac_override,-dac_read_search"
+    return (setpriv, f"--bounding-set={drop}", f"--inh-caps={drop}", "--")

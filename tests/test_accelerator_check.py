@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_the_accelerator_check_runs_and_writes_its_results(random_checkpoint, tmp_path):
     env = {**os.environ, "SVHN_CHECKPOINT": str(random_checkpoint), "PYTHON": sys.executable, "SVHN_CHECK_BATCHES": "1 2",
            "SVHN_CHECK_RUNS": "2", "SVHN_CHECK_COMPILE": "0", "SVHN_CHECK_TRAIN_IMAGES": "30", "SVHN_CHECK_TRAIN_STEPS": "2",

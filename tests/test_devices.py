@@ -66,6 +66,7 @@ def run_with(env: dict, script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # installs the real torch_npu wheels once per session
 def test_the_real_wheel_breaks_import_torch_by_itself(paired_torch_npu):
     """What this layer guards against, shown on the real wheel: its torch.backends entry point
     makes a bare `import torch` fail when CANN is missing."""
@@ -83,6 +84,7 @@ def test_the_real_wheel_breaks_import_torch_by_itself(paired_torch_npu):
         ("evaluation/eval_performance.py", ["--devices", "cpu", "--batch-sizes", "1", "--warmup", "0", "--runs", "2"]),
     ],
 )
+@pytest.mark.slow  # installs the real torch_npu wheels once per session
 def test_cpu_runs_as_if_torch_npu_were_absent(paired_torch_npu, random_checkpoint, script, args):
     result = run_with(paired_torch_npu, script, "--checkpoint", str(random_checkpoint), *args)
     assert_no_traceback(result)
@@ -90,6 +92,7 @@ def test_cpu_runs_as_if_torch_npu_were_absent(paired_torch_npu, random_checkpoin
     assert "torch_npu" not in result.stderr
 
 
+@pytest.mark.slow  # installs the real torch_npu wheels once per session
 def test_eval_accuracy_runs_beside_torch_npu(paired_torch_npu, random_checkpoint, samples):
     result = run_with(paired_torch_npu, "evaluation/eval_accuracy.py", "--checkpoint", str(random_checkpoint), "--device", "cpu",
                       "--data", str(samples), "--limit", "2")
@@ -97,6 +100,7 @@ def test_eval_accuracy_runs_beside_torch_npu(paired_torch_npu, random_checkpoint
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # installs the real torch_npu wheels once per session
 def test_npu_without_cann_is_one_line(paired_torch_npu, random_checkpoint):
     result = run_with(paired_torch_npu, "inference.py", "--checkpoint", str(random_checkpoint), "--device", "npu")
     assert_no_traceback(result)
@@ -107,6 +111,7 @@ def test_npu_without_cann_is_one_line(paired_torch_npu, random_checkpoint):
     assert "source /usr/local/Ascend/ascend-toolkit/set_env.sh" in lines[0]
 
 
+@pytest.mark.slow  # installs the real torch_npu wheels once per session
 def test_auto_falls_back_to_the_cpu_with_a_note(paired_torch_npu, random_checkpoint):
     result = run_with(paired_torch_npu, "inference.py", "--checkpoint", str(random_checkpoint), "--device", "auto", "--image", "examples/plaque-6.png")
     assert_no_traceback(result)
@@ -115,6 +120,7 @@ def test_auto_falls_back_to_the_cpu_with_a_note(paired_torch_npu, random_checkpo
     assert f"device {'cuda' if torch.cuda.is_available() else 'cpu'}" in result.stderr
 
 
+@pytest.mark.slow  # installs the real torch_npu wheels once per session
 def test_a_mismatched_pair_names_the_torch_to_install(mismatched_torch_npu, random_checkpoint):
     result = run_with(mismatched_torch_npu, "inference.py", "--checkpoint", str(random_checkpoint), "--device", "npu")
     assert_no_traceback(result)
@@ -123,6 +129,7 @@ def test_a_mismatched_pair_names_the_torch_to_install(mismatched_torch_npu, rand
     assert f"torch=={MISMATCHED}+cpu from PyTorch's CPU wheel index" in result.stderr
 
 
+@pytest.mark.slow  # installs the real torch_npu wheels once per session
 def test_a_users_own_autoload_setting_is_kept(paired_torch_npu, random_checkpoint):
     """TORCH_DEVICE_BACKEND_AUTOLOAD=1 is the user's choice: torch then loads torch_npu, which
     fails without CANN, and the script says so in one line instead of torch's traceback."""
@@ -135,6 +142,7 @@ def test_a_users_own_autoload_setting_is_kept(paired_torch_npu, random_checkpoin
     assert "unset TORCH_DEVICE_BACKEND_AUTOLOAD" in result.stderr
 
 
+@pytest.mark.slow  # installs the real torch_npu wheels once per session
 def test_the_test_suite_itself_runs_beside_torch_npu(paired_torch_npu):
     """pytest imports the project through conftest.py, which imports svhn first."""
     result = subprocess.run(
@@ -209,8 +217,9 @@ def test_compile_on_the_cpu_keeps_its_options_to_itself(random_checkpoint):
         "import svhn, torch, torch._inductor.config as c\n"
         "from svhn.checkpoints import load_model\n"
         "from svhn.recognizer import Recognizer\n"
-        f"r = Recognizer(load_model({str(random_checkpoint)!r}), 'cpu', compile=True)\n"
-        "print(r.settings['graph_mode'], c.freezing, r.notes)\n"
+        "notes = []\n"
+        f"r = Recognizer(load_model({str(random_checkpoint)!r}), 'cpu', compile=True, note=notes.append)\n"
+        "print(r.settings['graph_mode'], c.freezing, notes)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT, assert_no_traceback, run_cli
 from digitstruct import write_digit_struct
-from test_inference_cli import without_root_privilege
+from conftest import without_root_privilege
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.png"))
 
@@ -69,12 +69,14 @@ def labelled_folder(tmp_path) -> Path:
 
 
 def score(checkpoint: Path, folder: Path) -> tuple[subprocess.CompletedProcess, dict]:
-    """eval_accuracy.py on the folder: it must finish (exit 0, no traceback) with a JSON report."""
+    """eval_accuracy.py on the folder: it must finish (no traceback) with a JSON report, exit 1
+    when the report counts anything left out and 0 otherwise."""
     out = folder / "report.json"
     result = run_cli("evaluation/eval_accuracy.py", "--checkpoint", str(checkpoint), "--device", "cpu", "--data", str(folder), "--json", str(out))
     assert_no_traceback(result)
-    assert result.returncode == 0, result.stderr
-    return result, json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    assert result.returncode == (1 if any(report["left_out"].values()) else 0), result.stderr
+    return result, report
 
 
 def test_eval_accuracy_leaves_out_labels_it_cannot_trust(random_checkpoint, labelled_folder):
@@ -91,7 +93,7 @@ def test_eval_accuracy_leaves_out_labels_it_cannot_trust(random_checkpoint, labe
     result, data = score(random_checkpoint, labelled_folder)
     assert data["complete"] is True
     assert data["images_scored"] == 1  # 0.png; 2.png is refused for its box, then given twice
-    assert data["left_out"] == {"unreadable labels": 5, "more than 5 digits": 0, "image failed": 1}
+    assert data["left_out"] == {"unreadable labels": 5, "outside the data folder": 0, "more than 5 digits": 0, "image failed": 1}
     err = result.stderr
     assert "entry 2 (1.png) left out: a box holds NaN or Infinity" in err
     assert "entry 3 (1.png) left out: a box holds NaN or Infinity" in err

@@ -251,7 +251,7 @@ def test_packed_cpu_path_equals_the_published_module(model, batch):
     with torch.inference_mode():
         expected = model(batch)
     for n in (1, 4):
-        assert max_diff(fast.logits(batch[:n]), [t[:n] for t in expected]) < 1e-4
+        assert max_diff(fast.outputs(batch[:n]), [t[:n] for t in expected]) < 1e-4
 
 
 def _raises(*args, **kwargs):
@@ -280,18 +280,19 @@ def test_packed_cpu_path_falls_back_when_its_private_ops_fail(model, batch, monk
     """torch's private oneDNN ops missing, with another schema, or computing something else:
     the recognizer notices while it is built, says why, and runs the channels_last eager path."""
     break_it(monkeypatch)
-    fast = Recognizer(model)
+    notes = []
+    fast = Recognizer(model, note=notes.append)
     assert fast.settings["kernels"] == "eager" and fast.settings["memory_format"] == "channels_last"
-    assert len(fast.notes) == 1 and why in fast.notes[0] and "oneDNN-packed CPU path not used" in fast.notes[0]
+    assert len(notes) == 1 and why in notes[0] and "oneDNN-packed CPU path not used" in notes[0]
     with torch.inference_mode():
-        assert max_diff(fast.logits(batch), model(batch)) < 1e-4
+        assert max_diff(fast.outputs(batch), model(batch)) < 1e-4
 
 
 @pytest.mark.parametrize("options", [{"fold": False}, {"channels_last": False}, {"channels_last": True, "fold": True}])
 def test_every_cpu_form_computes_the_same(model, batch, options):
     with torch.inference_mode():
         expected = model(batch)
-    assert max_diff(Recognizer(model, **options).logits(batch), expected) < 1e-4
+    assert max_diff(Recognizer(model, **options).outputs(batch), expected) < 1e-4
 
 
 # --- reading the output ------------------------------------------------------------------------
