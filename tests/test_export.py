@@ -135,6 +135,7 @@ def test_a_file_that_is_not_onnx(tmp_path):
     assert result.returncode == 2 and "no such ONNX file" in result.stderr
 
 
+@pytest.mark.slow
 def test_ais_bench_inputs_and_outputs_score_as_the_onnx_file_does(random_checkpoint, samples, tmp_path):
     """eval_accuracy.py writes the crops as ais_bench inputs and scores ais_bench's outputs.
     No .om runs here: ONNX Runtime on a fixed-batch export stands in for the .om, writing its

@@ -280,6 +280,7 @@ def _address_space_of_8_gib() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 
 
+@pytest.mark.slow
 def test_a_batch_too_large_for_memory_is_one_line(random_checkpoint):
     # 120,000 images are 4.2 GB of input: more than the 8 GiB of address space left to the
     # process once torch is loaded, on any host (no reliance on the host refusing a huge request)

@@ -170,6 +170,7 @@ def test_a_second_run_into_a_locked_out_is_refused(finished_run, cache, small_se
     assert train_cli(out, cache, "--resume", "--steps", "4").returncode == 0
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_no_stale_lock(cache, small_set, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--device", "cpu", "--out", str(out), "--cache", str(cache),
@@ -212,6 +213,7 @@ def test_a_run_removes_the_leftovers_of_killed_writes(finished_run, cache, tmp_p
 # --- 5, 6, 7. full and read-only disks -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_training_is_one_line_and_leaves_only_complete_files(random_checkpoint, cache, small_set, tmp_path):
     with tmpfs(tmp_path / "small", "200m") as out:  # a checkpoint (171 MB) fits, a state with its optimizer does not
         result = train_cli(out, cache, "--data", str(small_set), "--init", "scratch", "--steps", "2", "--batch-size", "4", "--val-every", "1")
@@ -240,6 +242,7 @@ def test_a_read_only_crop_cache_is_one_line_naming_it(small_set, tmp_path):
 # --- 8. SIGTERM ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_state(cache, small_set, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--device", "cpu", "--out", str(out), "--cache", str(cache),

@@ -55,6 +55,7 @@ def mean_loss(checkpoint: Path, folder: Path) -> float:
         return float(sum(torch.nn.functional.cross_entropy(h, y[:, i]) for i, h in enumerate(model(x))))
 
 
+@pytest.mark.slow
 def test_a_few_dozen_steps_lower_the_loss(random_checkpoint, cache, tmp_path):
     folder = make_set(tmp_path / "set", 64, seed=3)
     out = tmp_path / "run"
@@ -70,6 +71,7 @@ def test_a_few_dozen_steps_lower_the_loss(random_checkpoint, cache, tmp_path):
     assert steps == [10, 20, 30] and all(set(r["loss_per_head"]) == {"length", "digit1", "digit2", "digit3", "digit4", "digit5"} for r in log(out) if "loss" in r)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(random_checkpoint, cache, tmp_path):
     folder = make_set(tmp_path / "set", 40, seed=4)
     common = ["--data", str(folder), "--init", str(random_checkpoint), "--batch-size", "4", "--val-every", "2", "--seed", "5"]
@@ -84,6 +86,7 @@ def test_resume_is_exact(random_checkpoint, cache, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
 
 
+@pytest.mark.slow
 def test_the_checkpoint_is_the_published_format(random_checkpoint, cache, tmp_path):
     out = tmp_path / "demo"
     train(out, cache, "--synthetic", "60", "--steps", "4", "--batch-size", "4", "--val-every", "2", "--init", "scratch")
