@@ -24,6 +24,7 @@ import svhn  # noqa: F401  (first: keeps torch_npu from loading itself at `impor
 
 import argparse
 import contextlib
+import io
 import sys
 import textwrap
 import time
@@ -38,6 +39,7 @@ from model import SPEC, decode
 from svhn import exits, flags, om, output
 from svhn.devices import environment
 from svhn.distributed import Ranks, launched
+from svhn.files import write_bytes_atomic
 from svhn.images import Failures, labelled_crop, load_ahead, readable_batches, to_tensor
 from svhn.labels import Record, labelled_set
 from svhn.scoring import scored, summary
@@ -66,7 +68,9 @@ def contact_sheet(errors: list[dict], crops: dict[str, np.ndarray], path: Path, 
         for k, part in enumerate(name):
             draw.text((x + 6, y + 139 + 12 * k), part, fill=(90, 90, 90))
     try:
-        sheet.save(path)
+        png = io.BytesIO()
+        sheet.save(png, format="PNG")
+        write_bytes_atomic(path, png.getvalue())
     except (OSError, ValueError) as e:
         exits.die(f"{path}: cannot write the contact sheet ({e})", exits.EXIT_FAILED)
 

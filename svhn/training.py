@@ -12,6 +12,7 @@ exactly the batch it would have taken, and an image that cannot be used was alre
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import math
 import sys
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from svhn import devices, exits, roofline
 from svhn.checkpoints import save_atomic
 from svhn.distributed import Ranks
-from svhn.files import check_writable, remove_leftovers
+from svhn.files import check_writable, remove_leftovers, write_bytes_atomic
 from svhn.output import plain
 from svhn.text import one_line, printable, shown
 
@@ -187,8 +188,10 @@ def plot_curves(records: list[dict], path: Path, score_name: str) -> None:
     b.plot([s for s, _ in val], [100 * v for _, v in val], marker="o", ms=3)
     b.set(xlabel="step", ylabel=f"{score_name} %", title="validation")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())
 
 
 # --------------------------------------------------------------------------------------------
