@@ -363,14 +363,12 @@ class Failures:
 
     def __init__(self, lines: Iterable[str] = (), report: Callable[[str], None] | None = None) -> None:
         self.count = 0
-        self.lines: list[str] = []
         self._report = report or (lambda line: print(f"error: {line}", file=sys.stderr, flush=True))
         self.add(lines)
 
     def add(self, lines: Iterable[str]) -> None:
         for line in lines:
             self._report(line)
-            self.lines.append(line)
             self.count += 1
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from model import HEADS, SVHNModel, flops_per_image
+from model import HEADS, flops_per_image
 from svhn import exits
 from svhn.dataset import CropSet, batch_tensor, concat, load_folder
 from svhn.distributed import Ranks
@@ -148,7 +148,3 @@ class RecognizerTask:
     @staticmethod
     def flops_per_image() -> int:
         return flops_per_image()
-
-    @staticmethod
-    def fresh_model() -> nn.Module:
-        return SVHNModel()

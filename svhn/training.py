@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -204,10 +204,7 @@ class Progress:
     step: int = 0
     best: float = -1.0
     stale: int = 0
-    kept: list = None
-
-    def __post_init__(self) -> None:
-        self.kept = list(self.kept or [])
+    kept: list = field(default_factory=list)
 
 
 class Trainer:
@@ -235,7 +232,7 @@ class Trainer:
             self.schedule.load_state_dict(state["scheduler"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
-            self.progress = Progress(state["step"], state["best"], state["stale"], state["kept"])
+            self.progress = Progress(state["step"], state["best"], state["stale"], list(state["kept"]))
             set_rng_state(state["rng"], ranks.device)
         else:
             torch.manual_seed(recipe.seed)  # dropout's draws, the same from here on every run of this seed
