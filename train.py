@@ -8,6 +8,7 @@ on one device or many (torchrun).
     torchrun --nproc-per-node 8 train.py --data svhn/train --data svhn/extra --init scratch --preset readme --device npu --out runs/svhn8
     python train.py --resume --out runs/svhn                               # go on where a run stopped
     python train.py --benchmark --device cpu --batch-size 32               # training images/s, no data needed
+    python train.py --task localizer --data svhn/train --synthetic 4000 --init scratch --out runs/loc   # the localizer
 
 Data: --data folders in the forms eval_accuracy.py reads (digitStruct.mat, labels.json,
 labels.csv), cropped by the same protocol into an on-disk cache once; --synthetic N adds the
@@ -30,9 +31,11 @@ from pathlib import Path
 
 import torch
 
+import localizer
 from model import SVHNModel, WeightsError, model_from_state_dict
 from svhn import exits, flags
-from svhn.checkpoints import find_checkpoint, load_state_dict
+from svhn.checkpoints import find_checkpoint, find_localizer, load_localizer, load_state_dict
+from svhn.localizer_training import LocalizerTask, Photos, SceneData, load_data
 from svhn.distributed import Ranks
 from svhn.recognizer_training import DataSpec, RecognizerTask, load_crops
 from svhn.synthetic import STYLES
@@ -40,22 +43,31 @@ from svhn.text import printable, shown
 from svhn.training import STATE_FILE, Recipe, RunFolder, Trainer, TrainingError, benchmark, read_state, train
 
 PRESETS = {"readme": {"batch_size": 512, "lr": 0.16, "lr_step": 625}}
-DATA = ("data", "synthetic", "synthetic_style", "val", "val_fraction")
+# The localizer's recipe where the flags are left at the recognizer's (measured: README, localizer)
+TASK_DEFAULTS = {"localizer": {"steps": 4000, "lr": 0.02, "lr_step": 1500, "lr_gamma": 0.3, "weight_decay": 1e-4, "val_every": 250,
+                               "patience": 12, "val_fraction": 0.25}}
+DATA = ("task", "arch", "data", "synthetic", "synthetic_style", "val", "val_fraction")
 AMP_ALIASES = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("network")
+    group.add_argument("--task", choices=("recognizer", "localizer"), default="recognizer",
+                       help="the network to train: the recognizer (model.py) or the localizer that finds numbers (localizer.py); default: %(default)s")
+    group.add_argument("--arch", choices=sorted(localizer.ARCHS), default=localizer.DEFAULT_ARCH, help="the localizer's architecture (default: %(default)s)")
     group = parser.add_argument_group("data")
     group.add_argument("--data", action="append", default=[], metavar="DIR", help="labelled folder (repeat for several)")
-    group.add_argument("--synthetic", type=flags.non_negative_int, default=0, metavar="N", help="add N synthetic house numbers (seeded by --seed)")
+    group.add_argument("--synthetic", type=flags.non_negative_int, default=0, metavar="N",
+                       help="add N synthetic images (seeded by --seed): house-number crops for the recognizer, whole scenes for the localizer")
     group.add_argument("--synthetic-style", choices=sorted(STYLES), default="plain", help="their look (default: %(default)s)")
     group.add_argument("--val", metavar="DIR", help="validation folder (default: a seeded --val-fraction of the data)")
     group.add_argument("--val-fraction", type=float, default=0.1, help="(default: %(default)s)")
     group.add_argument("--cache", metavar="DIR", help="crop cache (default: ~/.cache/svhn-ascend)")
     flags.add_workers_arg(group)
     group = parser.add_argument_group("model")
-    group.add_argument("--init", default=None, metavar="CHECKPOINT|scratch", help="weights to start from (default: the checkpoint inference.py finds, i.e. fine-tuning)")
+    group.add_argument("--init", default=None, metavar="CHECKPOINT|scratch",
+                       help="weights to start from (default: the checkpoint inference.py finds, i.e. fine-tuning; for the localizer, the shipped one)")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its training_state.pt")
     group = parser.add_argument_group("recipe")
     group.add_argument("--preset", choices=sorted(PRESETS), help="readme: batch 512, lr 0.16, x0.9 every 625 steps")
@@ -73,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run: its checkpoints, state, log and curves are removed first")
     group.add_argument("--benchmark", action="store_true", help="time training steps on random data at --batch-size, print images/s, and exit")
     args = parser.parse_args(argv)
-    for key, value in PRESETS.get(args.preset, {}).items():
+    args.given = {f.name for f in fields(Recipe) if f.name != "dtype" and getattr(args, f.name) != parser.get_default(f.name)}
+    for key, value in {**TASK_DEFAULTS.get(args.task, {}), **PRESETS.get(args.preset, {})}.items():
         if parser.get_default(key) == getattr(args, key):
             setattr(args, key, value)
     if args.amp and args.dtype and AMP_ALIASES[args.amp] != args.dtype:
@@ -86,19 +99,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def initial_weights(init: str | None, seed: int) -> tuple[SVHNModel, str]:
+def initial_weights(task: str, arch: str, init: str | None, seed: int) -> tuple[torch.nn.Module, str]:
     """--init's weights (a checkpoint, or scratch), else the checkpoint inference.py finds."""
     if init == "scratch":
         torch.manual_seed(seed)
-        return SVHNModel(), "scratch"
+        return (SVHNModel() if task == "recognizer" else localizer.Localizer(arch)), "scratch"
     try:
+        if task == "localizer":
+            path = find_localizer(init)
+            return load_localizer(path), shown(path)
         path = find_checkpoint(init)
         return model_from_state_dict(load_state_dict(path), printable(path)), shown(path)
     except WeightsError as e:
         if init is not None:
             raise TrainingError(f"{e} (or pass --init scratch to train from random weights)") from None
         exits.note(f"nothing to fine-tune ({e}); training from scratch, as --init scratch does")
-        return initial_weights("scratch", seed)
+        return initial_weights(task, arch, "scratch", seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
         if args.benchmark:
             if ranks.main:
-                print(json.dumps(benchmark(RecognizerTask, SVHNModel(), recipe, ranks.device, args.channels_last), indent=2))
+                task, model = ((RecognizerTask, SVHNModel()) if args.task == "recognizer"
+                               else (LocalizerTask(*([Photos([], [], [])] * 3), args.arch, recipe.batch_size, recipe.seed, ranks), localizer.Localizer(args.arch)))
+                print(json.dumps(benchmark(task, model, recipe, ranks.device, args.channels_last), indent=2))
             return 0
         return run(args, recipe, ranks)
     finally:
@@ -124,19 +142,23 @@ def run(args: argparse.Namespace, recipe: Recipe, ranks: Ranks) -> int:
                                 "(removes its checkpoints, state, log and curves)")
         folder.clear()
     state = read_state(folder.path / STATE_FILE) if args.resume else None
-    if state is not None:  # the run goes on with the recipe and data it started with
-        recipe = Recipe(**{**asdict(recipe), **{k: v for k, v in state["args"]["recipe"].items() if k != "steps"}, "steps": args.steps})
+    if state is not None:  # the run goes on with the network, recipe and data it started with
+        saved = state["args"]["recipe"]
+        recipe = Recipe(**{**asdict(recipe), **saved, "steps": args.steps if "steps" in args.given else saved["steps"]})
         for key in DATA:
-            setattr(args, key, state["args"][key])
+            setattr(args, key, state["args"].get(key, {"task": "recognizer", "arch": localizer.DEFAULT_ARCH}.get(key)))
     cache = Path(args.cache).expanduser() if args.cache else DataSpec.cache
-    spec = DataSpec(tuple(args.data), args.synthetic, args.synthetic_style, args.val, args.val_fraction, cache, args.workers, recipe.seed)
-    train_set, val_set = load_crops(spec, ranks)
-    if state is None:
-        model, source = initial_weights(args.init, recipe.seed)
+    if args.task == "recognizer":
+        spec = DataSpec(tuple(args.data), args.synthetic, args.synthetic_style, args.val, args.val_fraction, cache, args.workers, recipe.seed)
+        task = RecognizerTask(*load_crops(spec, ranks), recipe.batch_size, recipe.seed, ranks)
     else:
-        model, source = SVHNModel(), f"resumed at step {state['step']}"
+        data = SceneData(tuple(args.data), args.synthetic, args.val, args.val_fraction, cache, args.workers, recipe.seed)
+        task = LocalizerTask(*load_data(data, ranks), args.arch, recipe.batch_size, recipe.seed, ranks)
+    if state is None:
+        model, source = initial_weights(args.task, args.arch, args.init, recipe.seed)
+    else:
+        model, source = (SVHNModel() if args.task == "recognizer" else localizer.Localizer(args.arch)), f"resumed at step {state['step']}"
         model.load_state_dict(state["model"])
-    task = RecognizerTask(train_set, val_set, recipe.batch_size, recipe.seed, ranks)
     saved = {"recipe": asdict(recipe), **{k: getattr(args, k) for k in DATA}, "init": args.init}
     trainer = Trainer(task, model, recipe, folder, ranks, args.channels_last, state, saved)
     return train(trainer, source, fresh=state is None, from_trained=source != "scratch")

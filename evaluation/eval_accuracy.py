@@ -29,18 +29,22 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from model import SPEC, decode
+import localizer
+from model import SPEC, Reading, decode
 from svhn import exits, flags, om, output
 from svhn.devices import environment
 from svhn.distributed import Ranks, launched
 from svhn.files import write_bytes_atomic
-from svhn.images import Failures, labelled_crop, load_ahead, readable_batches, to_tensor
+from svhn.boxes import box_iou
+from svhn.finder import Photo, PhotoResult, find_and_read, photo_for_finding
+from svhn.images import Failures, labelled_crop, load_ahead, readable_batches, resize_and_crop, to_tensor
 from svhn.labels import Record, labelled_set
 from svhn.scoring import scored, summary
 from svhn.setup import setup
@@ -119,6 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--data", required=True, metavar="DIR", help="folder of images (e.g. SVHN's test/)")
     group.add_argument("--labels", metavar="FILE", help="digitStruct.mat, .json or .csv (default: found in --data)")
     group.add_argument("--no-boxes", action="store_true", help="read whole images, ignoring the digit boxes")
+    group.add_argument("--find", action="store_true", help="find the number with the localizer and read the found box; the report sets it beside "
+                       "the true boxes, the whole image and (where installed) RapidOCR, and scores the found boxes against the true ones")
+    group.add_argument("--find-score", type=float, default=localizer.SCORE_THRESHOLD, metavar="S", help="with --find: a found box needs this score (default: %(default)s)")
+    group.add_argument("--no-rapidocr", action="store_true", help="with --find: leave RapidOCR's row out even where rapidocr-onnxruntime is installed")
     group.add_argument("--limit", type=flags.positive_int, default=None, help="score only the first N labelled images")
     flags.add_loader_args(group, batch_size=64)
     flags.add_run_args(parser)
@@ -133,6 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.errors < 0:
         parser.error("--errors must be >= 0")
+    if args.find and (args.no_boxes or args.write_bins or args.om_outputs):
+        parser.error("--find reads the boxes it finds: not with --no-boxes, --write-bins or --om-outputs")
     return args
 
 
@@ -163,16 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         return write_bins(args, data, labels, usable)
     if args.om_outputs:
         return score_om(args, data, labels, usable, left_out)
-    crop = "whole image" if args.no_boxes else "boxes"
+    crop = "found boxes" if args.find else "whole image" if args.no_boxes else "boxes"
     out = output.JsonOutput(args.json, head={"data": data, "labels": labels, "crop": crop}) if args.json and main_rank else None
-    run = setup(flags.run_options(args), need_model=False, device=ranks.device if ranks else None)
+    run = setup(flags.run_options(args), need_model=False, device=ranks.device if ranks else None, find=args.find)
+    ocr = rapidocr(args) if args.find else None
     if main_rank:
         print(f"scoring {len(usable)} images of {printable(data)} ({labels.name}) on {ranks.world if ranks else 1} x {run.device}, "
               f"{crop}; {run.header()}", file=sys.stderr)
     start = time.perf_counter()
     with out or contextlib.nullcontext():
         share = list(enumerate(usable))[ranks.rank :: ranks.world] if ranks else list(enumerate(usable))
-        result = score_images(args, data, share, run, out if not ranks else None, main_rank)
+        score = partial(score_found, ocr=ocr) if args.find else score_images
+        result = score(args, data, share, run, out if not ranks else None, main_rank)
         if ranks:
             result = merge_ranks(ranks, result)
             if not main_rank:
@@ -182,11 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         per_image = [p for _, p in result.per_image]
         left_out["image failed"] = result.failed
         report = summary(per_image, left_out, time.perf_counter() - start, result.model_seconds)
+        if args.find:
+            report["rows"] = side_by_side(per_image)
+            report["localizer"] = localizer_figures(per_image, run, args.find_score)
         if out:
             out.finish({"checkpoint": run.checkpoint, "device": run.device, "dtype": args.dtype, "fp32_mode": run.fp32_mode,
                         "settings": run.recognizer.settings, "environment": environment(run.device), "ranks": ranks.world if ranks else 1, **report})
     where = f"device {run.device} ({environment(run.device)['device_name']}), {args.dtype}, fp32 conv {run.fp32_mode['conv']} / matmul {run.fp32_mode['matmul']}; checkpoint {printable(run.checkpoint)}"
-    print_report(args, f"{printable(data)} ({labels.name}), {'whole images' if args.no_boxes else 'box crops'}", where, report, per_image, result.crops)
+    if args.find:
+        where += f"; localizer {printable(run.localizer_path)} ({run.localizer_model.arch_name})"
+    print_report(args, f"{printable(data)} ({labels.name}), {'found boxes' if args.find else 'whole images' if args.no_boxes else 'box crops'}",
+                 where, report, per_image, result.crops)
     return exit_status(left_out)
 
 
@@ -243,6 +261,8 @@ def print_report(args: argparse.Namespace, title: str, where: str, report: dict,
     """The report as Markdown, the most confident misreads, and their contact sheet."""
     print(f"# Accuracy: {title}\n")
     print(f"{where}\n")
+    if "rows" in report:
+        print(find_markdown(report) + "\n")
     print(markdown(report))
     misread = sorted((p for p in per_image if not p["correct"]), key=lambda p: -p["confidence"])
     if args.errors:
@@ -253,6 +273,136 @@ def print_report(args: argparse.Namespace, title: str, where: str, report: dict,
         shown_errors = misread[: args.errors] if args.errors else misread
         contact_sheet(shown_errors, crops, Path(args.sheet))
         exits.note(f"contact sheet of {len(shown_errors)} misread crops: {printable(args.sheet)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the number first (--find)
+# --------------------------------------------------------------------------------------------
+
+ROWS = ("true boxes", "found boxes", "whole image", "RapidOCR")
+
+
+@dataclass
+class FindInputs:
+    photo: Photo  # for the localizer, and the image the found box is cropped from
+    true_crop: np.ndarray | None  # the published crop from the true digit boxes
+    whole: np.ndarray  # the whole image as inference.py --whole-image reads it
+
+
+def rapidocr(args: argparse.Namespace):
+    """RapidOCR's engine (PP-OCRv4 detection and recognition) where rapidocr-onnxruntime is
+    installed and not --no-rapidocr; else None (its row is left out, and the report says why)."""
+    if args.no_rapidocr:
+        return None
+    try:
+        from rapidocr_onnxruntime import RapidOCR
+    except ImportError:
+        exits.note("RapidOCR's row is left out: pip install -r requirements-eval.txt (rapidocr-onnxruntime) to add it")
+        return None
+    return RapidOCR()
+
+
+def ocr_number(engine, image: Image.Image) -> tuple[str, float]:
+    """The digits of RapidOCR's recognised text, its text boxes taken left to right, and the
+    lowest score among the texts that gave digits."""
+    found, _ = engine(np.asarray(image)[:, :, ::-1].copy())  # RapidOCR takes OpenCV's BGR
+    texts = sorted(found or [], key=lambda t: min(p[0] for p in t[0]))
+    digits = [(("".join(c for c in t[1] if c.isascii() and c.isdigit())), float(t[2])) for t in texts]
+    used = [(d, score) for d, score in digits if d]
+    return "".join(d for d, _ in used), min((score for _, score in used), default=0.0)
+
+
+def score_found(args: argparse.Namespace, data: Path, share: list[tuple[int, Record]], run, out, show_progress: bool, ocr=None) -> Scores:
+    """Find, crop and read this process's share of the images, and beside it read the true-box
+    crop, the whole image and RapidOCR's text; each image's record carries every row."""
+    result, failures = Scores(), Failures()
+
+    def load(item: tuple[int, Record]) -> FindInputs:
+        r = item[1]
+        photo = photo_for_finding(data / r.file)
+        true_crop = labelled_crop(data / r.file, r.boxes) if r.boxes else None
+        return FindInputs(photo, true_crop, resize_and_crop(photo.image))
+
+    with tqdm(total=len(share), unit="img", file=sys.stderr, disable=None if show_progress else True) as bar:
+        for done, inputs, errors in load_ahead(share, load, args.batch_size, args.workers, to_batch=False):
+            failures.add(message for _, message in errors)
+            if inputs:
+                t = time.perf_counter()
+                found = find_and_read([x.photo for x in inputs], [r.file for _, r in done], lambda b, n: run.localizer.outputs(b),
+                                      lambda b, n: run.recognizer.outputs(b), args.find_score, every=False)
+                result.model_seconds += time.perf_counter() - t
+                true = decode(run.recognizer.outputs(to_tensor([x.true_crop for x in inputs if x.true_crop is not None]))) if any(
+                    x.true_crop is not None for x in inputs) else []
+                whole = decode(run.recognizer.outputs(to_tensor([x.whole for x in inputs])))
+                true_readings = iter(true)
+                for (i, r), x, f, w in zip(done, inputs, found, whole):
+                    rows = {"whole image": w, "found boxes": f.best.reading if f.best else NOTHING}
+                    if x.true_crop is not None:
+                        rows["true boxes"] = next(true_readings)
+                    record = {**scored(r, rows["found boxes"]), **found_fields(r, f, x.photo)}
+                    record["rows"] = {name: {"number": rd.number, "correct": scored(r, rd)["correct"]} for name, rd in rows.items()}
+                    if ocr is not None:
+                        number, confidence = ocr_number(ocr, x.photo.image)
+                        record["rows"]["RapidOCR"] = {"number": number, "confidence": confidence, "correct": number == r.number}
+                    result.per_image.append((i, record))
+                    if out:
+                        out.add(record)
+                    if args.sheet and not record["correct"]:
+                        result.crops[r.file] = f.best.crop if f.best else x.whole
+            bar.update(len(done) + len(errors))
+    result.failed = failures.count
+    return result
+
+
+NOTHING = Reading(number="", length=0, digits=[10] * 5, confidence=0.0, blank_dropped=False, length_over_5=False)
+
+
+def found_fields(record: Record, result: PhotoResult, photo: Photo) -> dict:
+    """The found box, its score, the true number box and their IoU (the best over the true
+    numbers, where the labels give several)."""
+    truth = record.number_boxes or []
+    best = result.best
+    overlap = max((box_iou(best.box, t) for t in truth), default=0.0) if best else 0.0
+    return {"box": best.box if best else None, "find_score": best.score if best else None, "found": len(result.found),
+            "true_box": truth[0] if truth else None, "iou": overlap if truth else None}
+
+
+def side_by_side(per_image: list[dict]) -> list[dict]:
+    """Each way of reading, on the same images: images it read, accuracy, and the share of the
+    true-box accuracy it keeps."""
+    rows = []
+    for name in ROWS:
+        got = [p["rows"][name]["correct"] for p in per_image if name in p["rows"]]
+        if got:
+            rows.append({"row": name, "images": len(got), "accuracy": sum(got) / len(got)})
+    true = next((r["accuracy"] for r in rows if r["row"] == "true boxes"), None)
+    for r in rows:
+        r["of_true_boxes"] = r["accuracy"] / true if true else None
+    return rows
+
+
+def localizer_figures(per_image: list[dict], run, threshold: float) -> dict:
+    """The found boxes against the true number boxes, over the images whose labels give boxes."""
+    boxed = [p for p in per_image if p["iou"] is not None]
+    n = len(boxed)
+    ious = [p["iou"] for p in boxed]
+    return {"images_with_true_boxes": n, "mean_iou": sum(ious) / n if n else None,
+            "iou_at_least_0.5": sum(v >= 0.5 for v in ious) / n if n else None, "iou_at_least_0.7": sum(v >= 0.7 for v in ious) / n if n else None,
+            "nothing_found": sum(p["found"] == 0 for p in per_image), "several_found": sum(p["found"] > 1 for p in per_image),
+            "checkpoint": run.localizer_path, "arch": run.localizer_model.arch_name, "score_threshold": threshold}
+
+
+def find_markdown(report: dict) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    loc = report["localizer"]
+    table = output.markdown_table(["read from", "images", "whole-number accuracy", "of the true-box accuracy"],
+                                  [[r["row"], r["images"], pct(r["accuracy"]), "-" if r["of_true_boxes"] is None else f"{r['of_true_boxes']:.3f}"]
+                                   for r in report["rows"]])
+    figures = output.markdown_table(["localizer", "value"], [
+        ["images with true boxes", loc["images_with_true_boxes"]], ["mean IoU", "-" if loc["mean_iou"] is None else f"{loc['mean_iou']:.3f}"],
+        ["IoU >= 0.5", pct(loc["iou_at_least_0.5"])], ["IoU >= 0.7", pct(loc["iou_at_least_0.7"])],
+        ["nothing found", loc["nothing_found"]], ["more than one found", loc["several_found"]]])
+    return f"{table}\n\n{figures}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+import localizer
+from localizer import Localizer, LocalizerWeightsError
 from model import SVHNModel, WeightsError, model_from_state_dict
 from svhn.files import write_atomic
 from svhn.text import one_line, printable
@@ -27,6 +29,8 @@ DOWNLOAD_HINT = (
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
 _CHECKPOINT_NAME = re.compile(r"model-(\d+)\.pth$")
 _WRAPPERS = ("state_dict", "model", "model_state_dict")
+_LOCALIZER_NAME = re.compile(r"localizer-(\d+)\.pth$")
+SHIPPED_LOCALIZER = Path(__file__).resolve().parents[1] / "weights" / "localizer.pth"
 
 
 class CheckpointError(WeightsError):
@@ -48,22 +52,21 @@ def normalise_keys(state_dict: dict) -> dict:
     return dict(out)
 
 
-def checkpoint_in_dir(directory: Path) -> Path:
-    """The highest-step model-<step>.pth in a directory."""
+def checkpoint_in_dir(directory: Path, pattern: re.Pattern = _CHECKPOINT_NAME) -> Path:
+    """The highest-step model-<step>.pth (or the pattern's name) in a directory."""
     try:
-        found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CHECKPOINT_NAME.search(p.name))]
+        found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := pattern.search(p.name))]
     except OSError as e:
         raise CheckpointError(f"{printable(directory)}: folder cannot be read ({e.strerror or one_line(e)})") from None
     if not found:
-        raise CheckpointError(f"{printable(directory)}: no model-<step>.pth file in this folder")
+        what = pattern.pattern.replace("(\\d+)", "<step>").replace("\\", "").rstrip("$")
+        raise CheckpointError(f"{printable(directory)}: no {what} file in this folder")
     return max(found)[1]
 
 
-def load_state_dict(path: str | os.PathLike) -> dict:
-    """Read a checkpoint file (or the newest one in a folder) as a plain state dict, on CPU."""
-    path = Path(path)
-    if path.is_dir():
-        path = checkpoint_in_dir(path)
+def read_checkpoint(path: Path) -> object:
+    """What a checkpoint file holds, read with weights_only=True on the CPU; CheckpointError
+    naming the file for a missing, empty, special, junk or pickled-code file."""
     name = printable(path)
     try:
         info = path.stat()
@@ -81,6 +84,18 @@ def load_state_dict(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{name}: does not fit in memory") from None
     except Exception as e:  # junk makes the unpickler raise anything: KeyError, IndexError, ...
         raise CheckpointError(f"{name}: not a readable PyTorch checkpoint, truncated or corrupt ({type(e).__name__}: {one_line(e, 120)})") from None
+    return obj
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """Read a checkpoint file (or the newest one in a folder) as a plain state dict, on CPU."""
+    path = Path(path)
+    if path.is_dir():
+        path = checkpoint_in_dir(path)
+    name = printable(path)
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and obj.get("format") == localizer.FORMAT:
+        raise CheckpointError(f"{name}: this is a localizer checkpoint ({obj.get('arch')}), not the recognizer; pass it as --localizer")
     if isinstance(obj, dict):
         inner = next((obj[w] for w in _WRAPPERS if isinstance(obj.get(w), dict)), None)
         obj = obj if inner is None else inner
@@ -111,6 +126,33 @@ def load_model(path: str | os.PathLike) -> SVHNModel:
         return model_from_state_dict(state_dict, printable(path))
     except WeightsError as e:
         raise CheckpointError(str(e)) from None
+
+
+def load_localizer(path: str | os.PathLike) -> Localizer:
+    """The localizer a file (or the newest localizer-<step>.pth in a folder) holds, checked, in
+    eval mode on the CPU in fp32; CheckpointError naming the file and what it is otherwise (the
+    recognizer's file given here included)."""
+    path = Path(path)
+    if path.is_dir():
+        path = checkpoint_in_dir(path, _LOCALIZER_NAME)
+    try:
+        return localizer.from_checkpoint(read_checkpoint(path), printable(path))
+    except LocalizerWeightsError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def find_localizer(explicit: str | os.PathLike | None = None) -> Path:
+    """--localizer, else $SVHN_LOCALIZER, else the localizer shipped in weights/."""
+    for given, what in ((explicit, "--localizer"), (os.environ.get("SVHN_LOCALIZER"), "SVHN_LOCALIZER")):
+        if given:
+            path = Path(given).expanduser()
+            if not path.exists():
+                raise CheckpointError(f"{printable(path)}: no such file or folder (given by {what})")
+            return path
+    if not SHIPPED_LOCALIZER.is_file():
+        raise CheckpointError(f"{printable(SHIPPED_LOCALIZER)}: the shipped localizer is missing; pass --localizer PATH "
+                              "(train one: python train.py --task localizer ...)")
+    return SHIPPED_LOCALIZER
 
 
 # --------------------------------------------------------------------------------------------

@@ -118,8 +118,10 @@ def compare(
     per_image = torch.nan_to_num(per_image, nan=math.inf)
     worst = int(per_image.argmax())
     return {
+        "network": spec.name,
         "dtype": str(dtype).replace("torch.", ""),
         "images": n,
+        **(spec.agreement(ref, out) if spec.agreement else {}),
         "rules": rules_text(dtype),
         "heads": heads,
         "whole_number_agreement": (n - len(differ)) / n if n else 1.0,
@@ -144,8 +146,11 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        f"whole-number agreement: {100 * report['whole_number_agreement']:.1f} % of {report['images']} images"
+        f"{'best found box (to the pixel)' if report.get('network') == 'localizer' else 'whole-number'} agreement: "
+        f"{100 * report['whole_number_agreement']:.1f} % of {report['images']} images"
         + (f" (differ: {', '.join(report['numbers_differ'][:5])}{', ...' if len(report['numbers_differ']) > 5 else ''})" if report["numbers_differ"] else ""),
+        *([f"best found box IoU with the reference's: mean {report['box_iou_mean']:.4f}, min {report['box_iou_min']:.4f}; "
+           f"found on one side only: {report['found_differ']} images"] if "box_iou_mean" in report else []),
         f"worst image: {report['worst_image']['image']} (max abs {report['worst_image']['max_abs']:.2e})",
         f"rules: {report['rules']}",
         f"verdict: {report['verdict']}",

@@ -54,15 +54,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="a model-<step>.pth file or a folder of them (newest step taken); default: $SVHN_CHECKPOINT, "
         "./checkpoints, the ModelScope cache, else a download of Genius-Society/svhn",
     )
+    add_localizer_arg(group)
 
 
 def add_onnx_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument_group("onnx").add_argument(
         "--onnx",
+        nargs="+",
         metavar="FILE.onnx",
-        help="run this exported file (export.py) with ONNX Runtime instead of the PyTorch model; the execution provider "
-        "is the first installed of CANN, CUDA, CPU (the checkpoint is then only the reference of --compare)",
+        help="run these exported files (export.py: the recognizer's, and the localizer's for --find) with ONNX Runtime "
+        "instead of the PyTorch models; each file's network is told by its outputs; the execution provider is the first "
+        "installed of CANN, CUDA, CPU (the checkpoints are then only the references of --compare)",
     )
+
+
+def add_localizer_arg(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--localizer", metavar="PATH", help="the localizer's checkpoint (a localizer-<step>.pth or a folder of them); "
+                       "default: $SVHN_LOCALIZER, else the one shipped in weights/")
 
 
 def add_device_arg(group: argparse._ArgumentGroup, default: str = "auto") -> None:
@@ -97,7 +105,8 @@ class RunOptions:
     """What the model and device flags ask for, as plain values (see add_run_args)."""
 
     checkpoint: str | None = None
-    onnx: str | None = None
+    localizer: str | None = None
+    onnx: tuple[str, ...] = ()
     device: str = "auto"
     dtype: str = "float32"
     fp32_mode: str = "default"
@@ -108,7 +117,8 @@ class RunOptions:
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
-        checkpoint=getattr(args, "checkpoint", None), onnx=getattr(args, "onnx", None), device=args.device, dtype=args.dtype,
+        checkpoint=getattr(args, "checkpoint", None), localizer=getattr(args, "localizer", None), onnx=tuple(getattr(args, "onnx", None) or ()),
+        device=args.device, dtype=args.dtype,
         fp32_mode=getattr(args, "fp32_mode", "default"), channels_last=getattr(args, "channels_last", None),
         fold=not getattr(args, "no_fold", False), compile=getattr(args, "compile", False),
     )

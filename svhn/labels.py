@@ -1,7 +1,9 @@
 """House-number labels: SVHN format 1 (`digitStruct.mat`), or a JSON / CSV labels file.
 
 A JSON labels file is a list of {"file", "label" (or "number"), "boxes": [[left, top, width,
-height], ...] or null}; a CSV has the columns file, number (or label) and optionally boxes (the
+height], ...] or null}, and where an image holds several numbers or none (the localizer's
+scenes), "numbers": [{"label", "boxes"}, ...] lists each ("label"/"boxes" are then its first,
+or "" for none); a CSV has the columns file, number (or label) and optionally boxes (the
 same list, JSON-encoded). Every record is checked on its own: one that cannot be used becomes an
 error line naming the file and the entry, and the others are still read.
 """
@@ -20,6 +22,7 @@ from tqdm import tqdm
 from svhn.exits import UserError
 
 from model import BLANK
+from svhn.boxes import union
 from svhn.text import one_line, printable
 
 MAX_DIGITS = 5
@@ -35,6 +38,15 @@ class Record:
     file: str
     digits: list[int]  # 0..9, left to right
     boxes: list[list[float]] | None  # per digit [left, top, width, height], or None
+    numbers: list[list[list[float]]] | None = None  # every number's digit boxes, where the labels list several (or none)
+
+    @property
+    def number_boxes(self) -> list[list[float]] | None:
+        """Every number's box (the union of its digit boxes) in the image, [] where it holds
+        none; None when the labels give no boxes."""
+        if self.numbers is not None:
+            return [union(b) for b in self.numbers]
+        return [union(self.boxes)] if self.boxes else None
 
     @property
     def number(self) -> str:
@@ -172,20 +184,34 @@ def _record(entry: object) -> tuple[Record, bool]:
     file = entry.get("file")
     if not isinstance(file, str) or not file.strip():
         raise TypeError(f"'file' must be a file name, got {file!r}"[:160])
-    raw = entry.get("number", entry.get("label"))
+    numbers = entry.get("numbers")
+    if numbers is not None:  # a scene: every number in the image, perhaps none
+        if not isinstance(numbers, list) or not all(isinstance(n, dict) for n in numbers):
+            raise ValueError("numbers must be a list of {label, boxes} objects")
+        each = [_number(n.get("label"), n.get("boxes"), required=True) for n in numbers]
+        if not each:
+            return Record(file, [], [], []), False
+        return Record(file, each[0][0], each[0][1], [b for _, b, _ in each]), each[0][2]
+    digits, boxes, was_number = _number(entry.get("number", entry.get("label")), entry.get("boxes"))
+    return Record(file, digits, boxes), was_number
+
+
+def _number(raw: object, boxes: object, required: bool = False) -> tuple[list[int], list[list[float]] | None, bool]:
+    """A label's digits and digit boxes, checked; and whether the label was a JSON number."""
     was_number = isinstance(raw, int) and not isinstance(raw, bool)
     number = str(raw).strip() if isinstance(raw, (str, int)) and not isinstance(raw, bool) else ""
     if not number.isascii() or not number.isdigit():
         raise ValueError(f"the label must be a string of digits, got {raw!r}"[:160])
-    boxes = entry.get("boxes")
     if isinstance(boxes, str):
         boxes = json.loads(boxes) if boxes.strip() else None
+    if boxes is None and required:
+        raise ValueError("each of numbers needs its digit boxes")
     if boxes is not None:
         if not isinstance(boxes, list) or not all(isinstance(b, list) for b in boxes):
             raise ValueError("boxes must be a list of [left, top, width, height]")
         boxes = [[float(v) for v in box] for box in boxes]
         _check_boxes(boxes, len(number))
-    return Record(file, [int(c) for c in number], boxes), was_number
+    return [int(c) for c in number], boxes, was_number
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from svhn import deviation
 from svhn.devices import DeviceError, compile_module, default_channels_last
@@ -25,12 +26,14 @@ class NetworkSpec:
     """A network's interface: `name`, its input (N x 3 x height x width float32, already
     normalised), its outputs in order with each one's shape after the batch dimension, and
     `readings`, which turns a batch's outputs into what each image reads as (compared for
-    agreement)."""
+    agreement), and optionally `agreement`, the network's own measures of how a target's
+    outputs agree with the reference's (the localizer's box IoU)."""
 
     name: str
     input_size: tuple[int, int]
     outputs: tuple[tuple[str, tuple[int, ...]], ...]
     readings: Callable[[Sequence[torch.Tensor]], list[str]]
+    agreement: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], dict] | None = None
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -163,3 +166,16 @@ class Comparison:
         report["reference"] = "cpu float32 IEEE, published module (BatchNorm not folded)"
         report["target"] = {"device": str(self.target.device), **self.target.settings}
         return report
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of an eval-mode module with every BatchNorm2d that follows a Conv2d inside an
+    nn.Sequential folded into that convolution (torch's fuse_conv_bn_eval) and replaced by an
+    identity: the same function, one pass over the activations fewer."""
+    folded = copy.deepcopy(module).eval()
+    for seq in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                seq[i] = fuse_conv_bn_eval(seq[i], seq[i + 1])
+                seq[i + 1] = nn.Identity()
+    return folded

@@ -85,6 +85,7 @@ class RecognizerTask:
 
     name = "recognizer"
     score_name = "whole-number accuracy"
+    checkpoint_prefix = "model"
 
     def __init__(self, train: CropSet, val: CropSet, batch_size: int, seed: int, ranks: Ranks) -> None:
         self.train, self.val, self.batch_size, self.seed, self.ranks = train, val, batch_size, seed, ranks

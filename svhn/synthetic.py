@@ -203,3 +203,186 @@ def describe_fonts() -> str:
     fonts = find_fonts()
     return f"{len(fonts)} fonts ({', '.join(f.stem for f in fonts[:6])}{', ...' if len(fonts) > 6 else ''})"
 
+
+
+# --------------------------------------------------------------------------------------------
+# Scenes: whole street-view-like photos for the localizer
+# --------------------------------------------------------------------------------------------
+
+SCENES_VERSION = 2  # bumped whenever render_scene draws differently: a cached set of another version is rendered again
+SCENE_MAX_SIDE = 320  # twice the localizer's input: room for its zoom augmentation
+LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZabcdefghkmnprstuvwxyz"
+
+
+def _background(rng: random.Random, w: int, h: int) -> Image.Image:
+    """A wall: a gradient, blurred noise, bricks, planks, or a flat colour with panels."""
+    kind = rng.choice(["gradient", "noise", "bricks", "planks", "panels"])
+    base = np.array(_wall_colour(rng), dtype=np.float32)
+    g = np.random.default_rng(rng.randrange(2**32))
+    if kind == "gradient":
+        other = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
+        t = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
+        t = t[None, :, None] if t.size == w else t[:, None, None]
+        a = base + (other - base) * np.broadcast_to(t, (h, w, 1))
+    elif kind == "noise":
+        small = g.normal(0, rng.uniform(10, 50), (max(2, h // 8), max(2, w // 8), 3)).astype(np.float32)
+        a = base + np.asarray(Image.fromarray(np.clip(small + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.BICUBIC), dtype=np.float32) - 128
+    else:
+        a = np.broadcast_to(base, (h, w, 3)).copy()
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    line = tuple(int(v) for v in np.clip(base * rng.uniform(0.4, 1.4), 0, 255))
+    if kind == "bricks":
+        bh = rng.randint(6, 24)
+        bw = bh * rng.randint(2, 4)
+        for row, y in enumerate(range(0, h, bh)):
+            draw.line([(0, y), (w, y)], fill=line, width=rng.randint(1, 2))
+            for x in range((row % 2) * bw // 2, w, bw):
+                draw.line([(x, y), (x, y + bh)], fill=line, width=1)
+    elif kind == "planks":
+        step = rng.randint(5, 30)
+        for x in range(0, w if rng.random() < 0.5 else 0, step):
+            draw.line([(x, 0), (x, h)], fill=line, width=rng.randint(1, 3))
+        for y in range(0, h if not w else 0, step):
+            draw.line([(0, y), (w, y)], fill=line, width=rng.randint(1, 3))
+    elif kind == "panels":
+        for _ in range(rng.randint(1, 4)):
+            x0, y0 = rng.randrange(w), rng.randrange(h)
+            draw.rectangle([x0, y0, x0 + rng.randint(10, w), y0 + rng.randint(10, h)], outline=line,
+                           fill=tuple(rng.randrange(256) for _ in range(3)) if rng.random() < 0.5 else None, width=rng.randint(1, 4))
+    return img
+
+
+def _wall_colour(rng: random.Random) -> tuple[int, int, int]:
+    """Mostly the greys, browns and pale tints of walls; sometimes any colour."""
+    if rng.random() < 0.3:
+        return tuple(rng.randrange(256) for _ in range(3))
+    grey = rng.randrange(20, 236)
+    return tuple(int(min(255, max(0, grey + rng.randint(-30, 30)))) for _ in range(3))
+
+
+def _paint(img: Image.Image, number: str, rng: random.Random, fonts: tuple[Path, ...], height: int,
+           placed: list[list[float]]) -> list[list[float]] | None:
+    """Digits painted straight onto the wall (no plaque), in an ink that stands out from it, at a
+    free place; their boxes, or None when they do not fit (nothing drawn)."""
+    font = ImageFont.truetype(str(rng.choice(fonts)), max(8, height))
+    glyphs = [font.getbbox(d) for d in number]
+    gap = rng.randint(0, max(1, height // 6))
+    width = sum(b[2] - b[0] for b in glyphs) + gap * (len(number) - 1)
+    tall = max(b[3] for b in glyphs) - min(b[1] for b in glyphs)
+    if width >= img.width or tall >= img.height:
+        return None
+    x, y = rng.randint(0, img.width - width), rng.randint(0, img.height - tall)
+    if _overlaps([x, y, width, tall], placed):
+        return None
+    wall = np.asarray(img.crop((x, y, x + width, y + tall)), dtype=np.float32).mean()
+    ink = tuple(rng.randrange(0, 70) for _ in range(3)) if wall > 128 else tuple(rng.randrange(190, 256) for _ in range(3))
+    draw, top, boxes = ImageDraw.Draw(img), y - min(b[1] for b in glyphs), []
+    for d, b in zip(number, glyphs):
+        draw.text((x - b[0], top), d, font=font, fill=ink)
+        boxes.append([float(x), float(top + b[1]), float(b[2] - b[0]), float(b[3] - b[1])])
+        x += b[2] - b[0] + gap
+    placed.append(_outline(boxes))
+    return boxes
+
+
+def _outline(boxes: list[list[float]]) -> list[float]:
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    return [x0, y0, max(b[0] + b[2] for b in boxes) - x0, max(b[1] + b[3] for b in boxes) - y0]
+
+
+def _distractors(img: Image.Image, rng: random.Random, fonts: tuple[Path, ...]) -> None:
+    """Letters, words and shapes that are not house numbers: the localizer must not find them."""
+    draw = ImageDraw.Draw(img)
+    w, h = img.size
+    for _ in range(rng.choices([0, 1, 2, 3], weights=[3, 4, 2, 1])[0]):
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        what = rng.random()
+        x, y = rng.randrange(w), rng.randrange(h)
+        if what < 0.45:
+            font = ImageFont.truetype(str(rng.choice(fonts)), rng.randint(10, max(11, h // 3)))
+            draw.text((x, y), "".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 8))), font=font, fill=colour)
+        elif what < 0.7:
+            draw.ellipse([x, y, x + rng.randint(4, w // 3 + 4), y + rng.randint(4, h // 3 + 4)], outline=colour, width=rng.randint(1, 4))
+        else:
+            draw.line([(x, y), (rng.randrange(w), rng.randrange(h))], fill=colour, width=rng.randint(1, 6))
+
+
+def _overlaps(box: list[float], others: list[list[float]]) -> bool:
+    return any(box[0] < o[0] + o[2] and o[0] < box[0] + box[2] and box[1] < o[1] + o[3] and o[1] < box[1] + box[3] for o in others)
+
+
+def render_scene(rng: random.Random, fonts: tuple[Path, ...]) -> tuple[Image.Image, list[tuple[str, list[list[float]]]]]:
+    """One scene and its numbers, each (number, digit boxes): usually one number, sometimes two,
+    sometimes none, each a rendered plaque (render()) scaled to 12 to 80 % of the scene's height
+    (SVHN's number boxes span a median 61 %), on a wall with distractors; then the whole photo
+    blurred, noised or JPEG-compressed as a camera would."""
+    if rng.random() < 0.15:  # a close-up: the plaque fills the photo, as in a hand-taken picture or a crop
+        number = random_number(rng)
+        plaque, boxes = render(number, rng, fonts)
+        k = min(1.0, SCENE_MAX_SIDE / max(plaque.size))
+        size = (max(8, round(plaque.width * k)), max(8, round(plaque.height * k)))
+        fx, fy = size[0] / plaque.width, size[1] / plaque.height
+        return plaque.resize(size, Image.BILINEAR), [(number, [[round(b[0] * fx, 1), round(b[1] * fy, 1), round(b[2] * fx, 1), round(b[3] * fy, 1)] for b in boxes])]
+    aspect = rng.choice([rng.uniform(1.6, 2.8)] * 3 + [rng.uniform(0.6, 1.6)])  # mostly SVHN's landscape frames
+    w = rng.randint(96, SCENE_MAX_SIDE)
+    h = max(32, min(SCENE_MAX_SIDE, int(w / aspect)))
+    img = _background(rng, w, h)
+    _distractors(img, rng, fonts)
+    numbers: list[tuple[str, list[list[float]]]] = []
+    placed: list[list[float]] = []
+    for _ in range(rng.choices([0, 1, 2], weights=[1, 8, 1])[0]):
+        number = random_number(rng)
+        if rng.random() < 0.35:  # painted on the wall
+            boxes = _paint(img, number, rng, fonts, max(8, int(rng.uniform(0.12, 0.75) * h)), placed)
+            if boxes:
+                numbers.append((number, [[round(v, 1) for v in b] for b in boxes]))
+            continue
+        plaque, boxes = render(number, rng, fonts)
+        scale = rng.uniform(0.12, 0.8) * h / plaque.height
+        if plaque.width * scale > 0.95 * w:
+            scale = 0.95 * w / plaque.width
+        size = (max(4, round(plaque.width * scale)), max(4, round(plaque.height * scale)))
+        fx, fy = size[0] / plaque.width, size[1] / plaque.height
+        ox, oy = rng.randint(0, w - size[0]), rng.randint(0, max(0, h - size[1]))
+        boxes = [[ox + b[0] * fx, oy + b[1] * fy, b[2] * fx, b[3] * fy] for b in boxes]
+        outline = [ox, oy, size[0], size[1]]
+        if _overlaps(outline, placed):
+            continue
+        placed.append(outline)
+        img.paste(plaque.resize(size, Image.BILINEAR), (ox, oy))
+        numbers.append((number, [[round(v, 1) for v in b] for b in boxes]))
+    if rng.random() < 0.4:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.2)))
+    if rng.random() < 0.4:
+        a = np.asarray(img, dtype=np.float32) + np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(2, 12), (img.height, img.width, 3))
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    return img, numbers
+
+
+def make_scene_set(folder: str | Path, count: int, seed: int = 0) -> Path:
+    """Write `count` scenes (JPEG) and their labels.json into `folder`: each entry's "numbers"
+    lists every number with its digit boxes, and "label"/"boxes" repeat the first (an entry with
+    no number has "numbers": [] and "label": ""). Reused when the same set is already there."""
+    folder = Path(folder)
+    fonts = find_fonts()
+    stamp = {"scenes": count, "seed": seed, "version": SCENES_VERSION, "fonts": [f.name for f in fonts]}
+    done = folder / "synthetic.json"
+    if done.is_file() and json.loads(done.read_text()) == stamp:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    labels = []
+    for i in range(count):
+        img, numbers = render_scene(rng, fonts)
+        name = f"{i:06d}.jpg"
+        img.save(folder / name, quality=rng.randint(40, 95))
+        first = numbers[0] if numbers else ("", [])
+        labels.append({"file": name, "label": first[0], "boxes": first[1], "numbers": [{"label": n, "boxes": b} for n, b in numbers]})
+    (folder / "labels.json").write_text(json.dumps(labels))
+    done.write_text(json.dumps(stamp))
+    return folder
+
+
+def scene_set_name(count: int, seed: int) -> str:
+    return f"scenes-v{SCENES_VERSION}-{count}-{seed}-{hashlib.sha256(','.join(f.name for f in find_fonts()).encode()).hexdigest()[:8]}"

@@ -33,6 +33,7 @@ from svhn.output import plain
 from svhn.text import one_line, printable, shown
 
 STATE_FILE = "training_state.pt"
+CHECKPOINT_PREFIXES = ("model", "localizer")  # the recognizer's model-<step>.pth, the localizer's localizer-<step>.pth
 LOCK_FILE = ".lock"
 AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,6 +61,7 @@ class Task(Protocol):
 
     name: str  # "recognizer"
     score_name: str  # what validation measures, for the messages and curves
+    checkpoint_prefix: str  # checkpoints are <prefix>-<step>.pth
 
     def describe(self) -> str: ...  # "1,000 images, validating on 100"
 
@@ -107,12 +109,15 @@ class RunFolder:
         ranks.barrier()
 
     def holds_a_run(self) -> bool:
-        return (self.path / STATE_FILE).exists() or any(self.path.glob("model-*.pth")) or (self.path / "log.jsonl").exists()
+        return (self.path / STATE_FILE).exists() or bool(self.checkpoints()) or (self.path / "log.jsonl").exists()
+
+    def checkpoints(self) -> list[Path]:
+        return [p for prefix in CHECKPOINT_PREFIXES for p in self.path.glob(f"{prefix}-*.pth")]
 
     def clear(self) -> None:
         """Remove an earlier run's checkpoints, state, log and curves (--overwrite)."""
         if self.ranks.main:
-            for p in [*self.path.glob("model-*.pth"), self.path / STATE_FILE, self.path / "log.jsonl", self.path / "curves.png"]:
+            for p in [*self.checkpoints(), self.path / STATE_FILE, self.path / "log.jsonl", self.path / "curves.png"]:
                 p.unlink(missing_ok=True)
         self.ranks.barrier()
 
@@ -267,6 +272,9 @@ class Trainer:
             raise TrainingError(f"{printable(self.folder.path / name)}: cannot be written ({e.strerror or one_line(e)}); "
                                 f"the last complete files in {printable(self.folder.path)} are kept", exits.EXIT_FAILED) from None
 
+    def checkpoint_name(self, step: int) -> str:
+        return f"{self.task.checkpoint_prefix}-{step}.pth"
+
     def validate(self) -> dict:
         return self.task.validate(self.net, self.ranks, self.channels_last)
 
@@ -289,15 +297,15 @@ class Trainer:
             p.best, p.stale = result["score"], 0
             if self.ranks.main:
                 p.kept.append(p.step)
-                self._write(self.task.checkpoint(self.model), f"model-{p.step}.pth")
+                self._write(self.task.checkpoint(self.model), self.checkpoint_name(p.step))
                 for old in p.kept[: -r.keep]:
-                    (self.folder.path / f"model-{old}.pth").unlink(missing_ok=True)
+                    (self.folder.path / self.checkpoint_name(old)).unlink(missing_ok=True)
                 p.kept = p.kept[-r.keep :]
         else:
             p.stale += 1
         in_sync = self.ranks.same_everywhere(self.model)
         self.log.write({"step": p.step, "val_accuracy": result["score"], **result["counts"], "best": p.best,
-                        "saved": f"model-{p.step}.pth" if improved else None, "ranks": self.ranks.world, "ranks_in_sync": in_sync})
+                        "saved": self.checkpoint_name(p.step) if improved else None, "ranks": self.ranks.world, "ranks_in_sync": in_sync})
         self.save_state()
         return p.stale >= r.patience
 
@@ -355,7 +363,7 @@ def train(trainer: Trainer, source: str, fresh: bool, from_trained: bool) -> int
         plot_curves(trainer.log.records(), out / "curves.png", trainer.task.score_name)
         if p.kept:
             print(f"done: step {p.step}, best validation {trainer.task.score_name} {100 * p.best:.2f} %, checkpoints "
-                  f"{', '.join(f'model-{s}.pth' for s in p.kept)} in {shown(out)}")
+                  f"{', '.join(trainer.checkpoint_name(s) for s in p.kept)} in {shown(out)}")
         else:
             print(f"done: step {p.step}; no validation beat the starting weights ({trainer.task.score_name} {100 * p.best:.2f} %), "
                   f"so no checkpoint was written: the starting weights remain the best ({source})")
