@@ -132,13 +132,29 @@ def boxes_at(box: torch.Tensor, stride: float) -> torch.Tensor:
     return torch.stack([cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]], dim=-1)
 
 
+def smoothed(heat: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each cell's box averaged with its 3x3 neighbours', weighted by their scores: every cell
+    near a centre learned the box (TTFNet), so their mean is steadier than the peak's alone."""
+    w = heat[:, 0]
+    n, g, _ = w.shape
+    pw = nn.functional.pad(w, (1, 1, 1, 1))
+    pb = nn.functional.pad(boxes.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate")
+    total, acc = torch.zeros_like(w), torch.zeros(n, 4, g, g, dtype=boxes.dtype)
+    for dy in range(3):
+        for dx in range(3):
+            cw = pw[:, dy : dy + g, dx : dx + g]
+            total += cw
+            acc += cw.unsqueeze(1) * pb[:, :, dy : dy + g, dx : dx + g]
+    return (acc / total.clamp(min=1e-12).unsqueeze(1)).permute(0, 2, 3, 1)
+
+
 def decode(outputs: Sequence[torch.Tensor], threshold: float = SCORE_THRESHOLD, max_found: int = MAX_FOUND) -> list[list[Found]]:
     """Per image, the numbers found, best first: the heatmap's local maxima (3x3) above
     `threshold`, the box each predicts, non-maximum suppression at NMS_IOU."""
     heat, box = (t.detach().double().cpu() for t in outputs[:2])
     n, _, g, _ = heat.shape
     peaks = heat == nn.functional.max_pool2d(heat, 3, 1, 1)
-    all_boxes = boxes_at(box, INPUT_SIZE / g).reshape(n, -1, 4)
+    all_boxes = smoothed(heat, boxes_at(box, INPUT_SIZE / g)).reshape(n, -1, 4)
     found = []
     for i in range(n):
         scores = torch.where(peaks[i, 0], heat[i, 0], torch.zeros_like(heat[i, 0])).flatten()

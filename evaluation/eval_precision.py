@@ -4,6 +4,7 @@
     python evaluation/eval_precision.py --device npu                       # NPU fp32 (HF32 convs)
     python evaluation/eval_precision.py --device npu --fp32-mode strict    # HF32 off
     python evaluation/eval_precision.py --device cuda --dtype bfloat16 --json results/bf16.json
+    python evaluation/eval_precision.py --network localizer --device npu    # the localizer, its boxes too
 
 Reference: the published module (BatchNorm not folded) on the CPU in IEEE fp32. Target: the fast
 path on --device in --dtype. Inputs: --samples seeded random images plus every image in --images.
@@ -18,7 +19,8 @@ import argparse
 from svhn import deviation, exits, flags, output
 from svhn.devices import environment
 from svhn.images import Failures, expand_inputs, photo_input, random_input, readable_batches
-from svhn.network import Comparison
+from svhn.finder import photo_for_finding
+from svhn.network import Comparison, reference as network_reference
 from svhn.recognizer import reference
 from svhn.setup import setup
 from svhn.text import shown
@@ -31,6 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--seed", type=int, default=0, help="seed of the random images (default: %(default)s)")
     group.add_argument("--images", nargs="*", default=None, help="real images: files, folders, globs (default: examples/)")
     flags.add_loader_args(group, batch_size=16)
+    group.add_argument("--network", choices=("recognizer", "localizer"), default="recognizer", help="(default: %(default)s)")
     flags.add_run_args(parser)
     parser.add_argument("--json", metavar="FILE", help="write every figure, the versions and the settings here")
     return parser.parse_args(argv)
@@ -41,13 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     paths, problems = expand_inputs(args.images if args.images is not None else [shown(flags.EXAMPLES)])
     failures = Failures(problems)
     out = output.JsonOutput(args.json) if args.json else None
-    run = setup(flags.run_options(args))
-    comparison = Comparison(reference(run.model), run.recognizer)
-
-    noise = random_input(args.samples, args.seed)
+    find = args.network == "localizer"
+    run = setup(flags.run_options(args), find=find)
+    if find:
+        comparison = Comparison(network_reference(run.localizer_model, run.localizer.spec), run.localizer)
+        load = lambda path: photo_for_finding(path).input  # noqa: E731
+    else:
+        comparison = Comparison(reference(run.model), run.recognizer)
+        load = photo_input
+    noise = random_input(args.samples, args.seed, size=comparison.spec.input_size)
     for start in range(0, args.samples, args.batch_size):
         comparison.add(noise[start : start + args.batch_size], [f"random#{i}" for i in range(start, min(start + args.batch_size, args.samples))])
-    for done, batch in readable_batches(paths, photo_input, args.batch_size, args.workers, failures):
+    for done, batch in readable_batches(paths, load, args.batch_size, args.workers, failures):
         comparison.add(batch, [shown(p) for p in done])
     if not comparison.names:
         exits.die("no inputs: --samples is 0 and no image could be read", exits.EXIT_FAILED)
@@ -55,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     report = comparison.report()
     real = len(comparison.names) - args.samples
     env = environment(run.device)
-    s = run.recognizer.settings
-    print(f"# Precision: {env['device_name']} ({run.device}, {args.dtype}) against CPU fp32\n")
+    s = (run.localizer if find else run.recognizer).settings
+    print(f"# Precision of the {args.network}: {env['device_name']} ({run.device}, {args.dtype}) against CPU fp32\n")
     print(f"inputs: {args.samples} random images (seed {args.seed}) + {real} real images" + (f" ({failures.count} unreadable, left out)" if failures.count else ""))
-    print(f"reference: cpu float32, IEEE, published module (BatchNorm not folded); checkpoint {shown(run.checkpoint)}")
+    source = f"localizer {shown(run.localizer_path)}" if find else f"checkpoint {shown(run.checkpoint)}"
+    print(f"reference: cpu float32, IEEE, the module as trained (BatchNorm not folded); {source}")
     print(f"target: {run.header()}; torch {env['torch']}" + (f", torch_npu {env.get('torch_npu')}, CANN {env.get('cann')}" if run.device.type == "npu" else ""))
     print()
     print(deviation.markdown(report))
@@ -69,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 "inputs": {"random": args.samples, "seed": args.seed, "real": real, "unreadable": failures.count},
                 "reference": {"device": "cpu", "dtype": "float32", "fp32_mode": "ieee", "module": "published, BatchNorm not folded"},
                 "target": {"device": str(run.device), "fp32_mode": run.fp32_mode, **s},
-                "checkpoint": str(run.checkpoint),
+                "checkpoint": str(run.localizer_path if find else run.checkpoint),
+                "network": args.network,
                 "environment": env,
             }
         )

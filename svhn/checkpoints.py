@@ -132,23 +132,38 @@ def load_localizer(path: str | os.PathLike) -> Localizer:
     """The localizer a file (or the newest localizer-<step>.pth in a folder) holds, checked, in
     eval mode on the CPU in fp32; CheckpointError naming the file and what it is otherwise (the
     recognizer's file given here included)."""
-    path = Path(path)
-    if path.is_dir():
-        path = checkpoint_in_dir(path, _LOCALIZER_NAME)
+    path = localizer_file(Path(path))
     try:
         return localizer.from_checkpoint(read_checkpoint(path), printable(path))
     except LocalizerWeightsError as e:
         raise CheckpointError(str(e)) from None
 
 
+def localizer_file(path: Path) -> Path:
+    """The file itself, or the newest localizer-<step>.pth in a folder (a folder of the
+    recognizer's checkpoints is named as such)."""
+    if not path.is_dir():
+        return path
+    try:
+        return checkpoint_in_dir(path, _LOCALIZER_NAME)
+    except CheckpointError as e:
+        if any(path.glob("model-*.pth")):
+            raise CheckpointError(f"{e}; it holds the recognizer's model-<step>.pth: pass that as --checkpoint") from None
+        raise
+
+
 def find_localizer(explicit: str | os.PathLike | None = None) -> Path:
-    """--localizer, else $SVHN_LOCALIZER, else the localizer shipped in weights/."""
+    """--localizer, else $SVHN_LOCALIZER, else the localizer shipped in weights/ (a folder: its
+    newest localizer-<step>.pth)."""
     for given, what in ((explicit, "--localizer"), (os.environ.get("SVHN_LOCALIZER"), "SVHN_LOCALIZER")):
         if given:
             path = Path(given).expanduser()
             if not path.exists():
                 raise CheckpointError(f"{printable(path)}: no such file or folder (given by {what})")
-            return path
+            try:
+                return localizer_file(path)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e} (given by {what})") from None
     if not SHIPPED_LOCALIZER.is_file():
         raise CheckpointError(f"{printable(SHIPPED_LOCALIZER)}: the shipped localizer is missing; pass --localizer PATH "
                               "(train one: python train.py --task localizer ...)")

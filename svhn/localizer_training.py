@@ -6,9 +6,10 @@ there is no number), sharded over ranks."""
 
 from __future__ import annotations
 
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import localizer as L
 from svhn import exits
 from svhn.boxes import GREY, box_iou, letterbox
 from svhn.distributed import Ranks
+from svhn.files import write_bytes_atomic
 from svhn.images import ImageError, open_image, random_input, to_tensor
 from svhn.labels import LabelError, labelled_set
 from svhn.synthetic import SCENE_MAX_SIDE, describe_fonts, make_scene_set, scene_set_name
@@ -27,6 +29,7 @@ from svhn.text import printable
 from svhn.training import TrainingError
 
 IOU_GOOD = 0.5  # the issue's bar for a found box
+REAL_SHARE = 0.7  # of each batch, when there are real photos and scenes: the scenes teach shapes, the photos the look of streets
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,25 @@ class Photos:
     images: list[np.ndarray]
     boxes: list[list[list[float]]]
     files: list[str]
+    labels: list[tuple[Path, dict]] = field(default_factory=list)  # (data folder, labels entry) of those with a number, for validation.json
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, index) -> "Photos":
-        return Photos([self.images[i] for i in index], [self.boxes[i] for i in index], [self.files[i] for i in index])
+        chosen = {self.files[i] for i in index}
+        pick = lambda xs: [xs[i] for i in index]  # noqa: E731
+        return Photos(pick(self.images), pick(self.boxes), pick(self.files), [(f, e) for f, e in self.labels if str(f / e["file"]) in chosen])
+
+    def write_labels(self, out: Path) -> list[Path]:
+        """The photos' labels, one labels.json-format file per data folder (validation-<folder>.json
+        in `out`), so that eval_accuracy.py --labels scores exactly these photos."""
+        written = []
+        for folder in dict.fromkeys(f for f, _ in self.labels):
+            path = out / f"validation-{folder.name}.json"
+            write_bytes_atomic(path, json.dumps([e for f, e in self.labels if f == folder], indent=1).encode())
+            written.append(path)
+        return written
 
 
 def _load(folder: Path, file: str, boxes: list[list[float]]) -> tuple[np.ndarray, list[list[float]]]:
@@ -102,6 +118,8 @@ def load_photos(folder: Path, workers: int, report) -> Photos:
         photos.images.append(image)
         photos.boxes.append(boxes)
         photos.files.append(str(folder / record.file))
+        if record.digits:  # what eval_accuracy.py can score: a photo with a number
+            photos.labels.append((folder, {"file": record.file, "label": record.number, "boxes": record.boxes}))
     return photos
 
 
@@ -138,7 +156,8 @@ def load_data(spec: SceneData, ranks: Ranks) -> tuple[Photos, Photos, Photos]:
 
 
 def _join(sets: list[Photos]) -> Photos:
-    return Photos([i for s in sets for i in s.images], [b for s in sets for b in s.boxes], [f for s in sets for f in s.files])
+    return Photos([i for s in sets for i in s.images], [b for s in sets for b in s.boxes], [f for s in sets for f in s.files],
+                  [e for s in sets for e in s.labels])
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,6 +211,35 @@ def around_the_number(image: np.ndarray, boxes: list[list[float]], rng: np.rando
     return image[top:bottom, left:right], [[b[0] - left, b[1] - top, b[2], b[3]] for b in boxes]
 
 
+def pasted(number: np.ndarray, box: list[float], wall: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, list[list[float]]]:
+    """Copy-paste (Ghiasi et al.): a real number, cut out of its photo with a margin, pasted at a
+    random scale and place onto a wall (a real photo's part beside its number, stretched to a
+    street-view frame): the look of real numbers in new places and sizes, with exact boxes."""
+    h = int(rng.integers(60, 200))
+    w = int(h * rng.uniform(1.4, 2.6))
+    canvas = Image.fromarray(wall).resize((w, h), Image.BILINEAR)
+    ph, pw = number.shape[:2]
+    k = rng.uniform(0.3, 0.85) * h / ph
+    if pw * k > 0.9 * w:
+        k = 0.9 * w / pw
+    size = (max(2, round(pw * k)), max(2, round(ph * k)))
+    x, y = int(rng.integers(0, w - size[0] + 1)), int(rng.integers(0, h - size[1] + 1))
+    canvas.paste(Image.fromarray(number).resize(size, Image.BILINEAR), (x, y))
+    fx, fy = size[0] / pw, size[1] / ph
+    return np.asarray(canvas, dtype=np.uint8), [[x + box[0] * fx, y + box[1] * fy, box[2] * fx, box[3] * fy]]
+
+
+def cut_out(image: np.ndarray, boxes: list[list[float]], rng: np.random.Generator) -> tuple[np.ndarray, list[float]]:
+    """The number with a margin of 5 to 30 % of its height around it, and its box in the cut-out."""
+    h, w = image.shape[:2]
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    m = rng.uniform(0.05, 0.3) * (y1 - y0)
+    left, top = int(max(0, math.floor(x0 - m))), int(max(0, math.floor(y0 - m)))
+    right, bottom = int(min(w, math.ceil(x1 + m))), int(min(h, math.ceil(y1 + m)))
+    return image[top:bottom, left:right], [x0 - left, y0 - top, x1 - x0, y1 - y0]
+
+
 def recolour(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Contrast, brightness and per-channel gain at random; sometimes grey, sometimes inverted."""
     x = a.astype(np.float32)
@@ -220,22 +268,31 @@ class LocalizerTask:
     def __init__(self, real: Photos, scenes: Photos, val: Photos, arch: str, batch_size: int, seed: int, ranks: Ranks) -> None:
         self.real, self.scenes, self.val, self.arch = real, scenes, val, arch
         self.batch_size, self.seed, self.ranks = batch_size, seed, ranks
-        self.real_share = 0.5 if len(real) and len(scenes) else (1.0 if len(real) else 0.0)
-        letterboxed = [letterbox(Image.fromarray(im), L.INPUT_SIZE) for im in val.images]
-        self.val_inputs = np.stack([a for a, _ in letterboxed])
-        self.val_truth = [[g.to_input(b) for b in boxes] for (_, g), boxes in zip(letterboxed, val.boxes)]
+        self.real_share = REAL_SHARE if len(real) and len(scenes) else (1.0 if len(real) else 0.0)
+        self.val_inputs, self.val_truth = self._letterboxed(val)
+
+    @staticmethod
+    def _letterboxed(photos: Photos) -> tuple[np.ndarray, list[list[list[float]]]]:
+        """The validation photos as inference.py feeds them, and their number boxes in input pixels."""
+        letterboxed = [letterbox(Image.fromarray(im), L.INPUT_SIZE) for im in photos.images]
+        inputs = np.stack([a for a, _ in letterboxed]) if letterboxed else np.zeros((0, L.INPUT_SIZE, L.INPUT_SIZE, 3), np.uint8)
+        return inputs, [[g.to_input(b) for b in boxes] for (_, g), boxes in zip(letterboxed, photos.boxes)]
 
     def describe(self) -> str:
         return (f"the {self.arch} localizer on {len(self.real)} photos and {len(self.scenes)} synthetic scenes, "
                 f"validating on {len(self.val)}")
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, list[list[float]]]:
-        """One training input: a real photo (half the time, when there are both) or a scene,
-        placed and recoloured; a tenth of the real ones become the wall beside their number, a
-        fifth a close-up around it."""
+        """One training input: a real photo (REAL_SHARE of the time, when there are both) or a
+        scene, mirrored half the time (a mirrored number is still where a number is), placed and
+        recoloured; a tenth of the real ones become the wall beside their number, a fifth a
+        close-up around it, a quarter their number pasted onto another photo's wall."""
         pool = self.real if rng.random() < self.real_share else self.scenes
         i = int(rng.integers(len(pool)))
         image, boxes = pool.images[i], pool.boxes[i]
+        if rng.random() < 0.5:
+            w = image.shape[1]
+            image, boxes = np.ascontiguousarray(image[:, ::-1]), [[w - b[0] - b[2], b[1], b[2], b[3]] for b in boxes]
         if pool is self.real and boxes:
             draw = rng.random()
             if draw < 0.1:
@@ -244,6 +301,11 @@ class LocalizerTask:
                     image, boxes = side, []
             elif draw < 0.3:
                 image, boxes = around_the_number(image, boxes, rng)
+            elif draw < 0.55 and len(boxes) == 1:
+                j = int(rng.integers(len(pool)))
+                wall = beside_the_number(pool.images[j], pool.boxes[j], rng) if pool.boxes[j] else pool.images[j]
+                if wall is not None and min(wall.shape[:2]) >= 8:
+                    image, boxes = pasted(*cut_out(image, boxes, rng), wall, rng)
         return place(recolour(image, rng), boxes, rng)  # recoloured before placing: the letterbox's grey stays the grey inference.py fills with
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

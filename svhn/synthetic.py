@@ -169,30 +169,39 @@ def random_number(rng: random.Random) -> str:
     return first + "".join(str(rng.randint(0, 9)) for _ in range(n - 1))
 
 
-def make_set(folder: str | Path, count: int, seed: int = 0, style=None) -> Path:
-    """Write `count` synthetic photos and their labels.json into `folder` (reused when a set of
-    the same count, seed and style is already there). `style(img, rng) -> img`, if given, is
-    applied to every photo (a look the model has not seen, for fine-tuning)."""
+def _write_set(folder: str | Path, stamp: dict, count: int, seed: int, one) -> Path:
+    """Write `count` photos and their labels.json into `folder`, each by one(i, rng, fonts, folder)
+    (which saves the photo and returns its labels entry), unless a set of the same stamp is
+    already there."""
     folder = Path(folder)
     fonts = find_fonts()
-    stamp = {"count": count, "seed": seed, "style": getattr(style, "__name__", None), "fonts": [f.name for f in fonts]}
+    stamp = {**stamp, "fonts": [f.name for f in fonts]}
     done = folder / "synthetic.json"
     if done.is_file() and json.loads(done.read_text()) == stamp:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    labels = []
-    for i in range(count):
+    labels = [one(i, rng, fonts, folder) for i in range(count)]
+    (folder / "labels.json").write_text(json.dumps(labels))
+    done.write_text(json.dumps(stamp))
+    return folder
+
+
+def make_set(folder: str | Path, count: int, seed: int = 0, style=None) -> Path:
+    """Write `count` synthetic photos and their labels.json into `folder` (reused when a set of
+    the same count, seed and style is already there). `style(img, rng) -> img`, if given, is
+    applied to every photo (a look the model has not seen, for fine-tuning)."""
+
+    def one(i: int, rng: random.Random, fonts: tuple[Path, ...], folder: Path) -> dict:
         number = random_number(rng)
         img, boxes = render(number, rng, fonts)
         if style is not None:
             img = style(img, rng)
         name = f"{i:06d}.png"
         img.save(folder / name)
-        labels.append({"file": name, "label": number, "boxes": boxes})
-    (folder / "labels.json").write_text(json.dumps(labels))
-    done.write_text(json.dumps(stamp))
-    return folder
+        return {"file": name, "label": number, "boxes": boxes}
+
+    return _write_set(folder, {"count": count, "seed": seed, "style": getattr(style, "__name__", None)}, count, seed, one)
 
 
 def set_name(count: int, seed: int, style: str = "plain") -> str:
@@ -364,24 +373,15 @@ def make_scene_set(folder: str | Path, count: int, seed: int = 0) -> Path:
     """Write `count` scenes (JPEG) and their labels.json into `folder`: each entry's "numbers"
     lists every number with its digit boxes, and "label"/"boxes" repeat the first (an entry with
     no number has "numbers": [] and "label": ""). Reused when the same set is already there."""
-    folder = Path(folder)
-    fonts = find_fonts()
-    stamp = {"scenes": count, "seed": seed, "version": SCENES_VERSION, "fonts": [f.name for f in fonts]}
-    done = folder / "synthetic.json"
-    if done.is_file() and json.loads(done.read_text()) == stamp:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    labels = []
-    for i in range(count):
+
+    def one(i: int, rng: random.Random, fonts: tuple[Path, ...], folder: Path) -> dict:
         img, numbers = render_scene(rng, fonts)
         name = f"{i:06d}.jpg"
         img.save(folder / name, quality=rng.randint(40, 95))
         first = numbers[0] if numbers else ("", [])
-        labels.append({"file": name, "label": first[0], "boxes": first[1], "numbers": [{"label": n, "boxes": b} for n, b in numbers]})
-    (folder / "labels.json").write_text(json.dumps(labels))
-    done.write_text(json.dumps(stamp))
-    return folder
+        return {"file": name, "label": first[0], "boxes": first[1], "numbers": [{"label": n, "boxes": b} for n, b in numbers]}
+
+    return _write_set(folder, {"scenes": count, "seed": seed, "version": SCENES_VERSION}, count, seed, one)
 
 
 def scene_set_name(count: int, seed: int) -> str:

@@ -72,13 +72,13 @@ def test_a_fixed_batch_export_has_no_batch_dependent_operators(random_checkpoint
 
 
 def test_inference_reads_the_examples_from_the_onnx_file_as_from_pytorch(dynamic_export, random_checkpoint):
-    torch_run = run_cli("inference.py", "--checkpoint", str(random_checkpoint), "--device", "cpu")
-    onnx_run = run_cli("inference.py", "--onnx", str(dynamic_export), "--batch-size", "4")
+    torch_run = run_cli("inference.py", "--whole-image", "--checkpoint", str(random_checkpoint), "--device", "cpu")
+    onnx_run = run_cli("inference.py", "--whole-image", "--onnx", str(dynamic_export), "--batch-size", "4")
     assert onnx_run.returncode == 0, onnx_run.stderr
     assert "CPUExecutionProvider" in onnx_run.stderr
     assert [line.split("  ")[:2] for line in onnx_run.stdout.splitlines()] == [line.split("  ")[:2] for line in torch_run.stdout.splitlines()]
     assert len(onnx_run.stdout.splitlines()) == len(EXAMPLES)
-    compared = run_cli("inference.py", "--onnx", str(dynamic_export), "--checkpoint", str(random_checkpoint), "--compare", "--json")
+    compared = run_cli("inference.py", "--whole-image", "--onnx", str(dynamic_export), "--checkpoint", str(random_checkpoint), "--compare", "--json")
     assert compared.returncode == 0, compared.stderr
     report = json.loads(compared.stdout)["comparison"]
     assert report["verdict"] == "PASS" and report["target"]["provider"] == "CPUExecutionProvider"

@@ -41,7 +41,7 @@ def stand_in_table(checkpoint: Path) -> dict[str, tuple[str, float]]:
 
 
 def test_reads_the_samples_as_the_python_api_does(checkpoint, samples):
-    result = run_cli("inference.py", "--checkpoint", str(checkpoint), "--image", str(samples), "--json", "--batch-size", "4")
+    result = run_cli("inference.py", "--whole-image", "--checkpoint", str(checkpoint), "--image", str(samples), "--json", "--batch-size", "4")
     assert result.returncode == 0, result.stderr
     assert_no_traceback(result)
     got = json.loads(result.stdout)
@@ -60,7 +60,7 @@ def test_reads_the_samples_as_the_python_api_does(checkpoint, samples):
 def test_readings_match_the_stand_in_checkpoints_own_table(checkpoint, samples):
     table = stand_in_table(checkpoint)
     assert len(table) >= 10
-    result = run_cli("inference.py", "--checkpoint", str(checkpoint), "--image", str(samples))
+    result = run_cli("inference.py", "--whole-image", "--checkpoint", str(checkpoint), "--image", str(samples))
     assert result.returncode == 0, result.stderr
     lines = [line.split("  ") for line in result.stdout.strip().splitlines()]
     read = {Path(path).name: (number, float(conf)) for path, number, conf in lines}
@@ -81,7 +81,7 @@ def test_bundled_examples_are_the_default(random_checkpoint):
 
 def test_batch_size_does_not_change_the_readings(random_checkpoint):
     outs = [
-        json.loads(run_cli("inference.py", "--checkpoint", str(random_checkpoint), "--json", "--batch-size", b).stdout)
+        json.loads(run_cli("inference.py", "--whole-image", "--checkpoint", str(random_checkpoint), "--json", "--batch-size", b).stdout)
         for b in ("1", "7")
     ]
     assert [r["number"] for r in outs[0]] == [r["number"] for r in outs[1]]
@@ -201,7 +201,7 @@ def test_missing_accelerators_are_explained(random_checkpoint):
 
 
 def compare_json(checkpoint, *args) -> tuple[int, dict]:
-    result = run_cli("inference.py", "--checkpoint", str(checkpoint), "--compare", "--json", *args)
+    result = run_cli("inference.py", "--whole-image", "--checkpoint", str(checkpoint), "--compare", "--json", *args)
     assert_no_traceback(result)
     return result.returncode, json.loads(result.stdout)
 
@@ -254,7 +254,7 @@ def test_compare_fails_and_exits_1_when_the_device_is_off(tmp_path):
         for head in model.heads():
             head[0].weight.mul_(3e4)
     torch.save(model.state_dict(), tmp_path / "model-1.pth")
-    result = run_cli("inference.py", "--checkpoint", str(tmp_path), "--compare", "--dtype", "bfloat16")
+    result = run_cli("inference.py", "--whole-image", "--checkpoint", str(tmp_path), "--compare", "--dtype", "bfloat16")
     assert_no_traceback(result)
     assert result.returncode == 1
     assert "verdict: FAIL" in result.stdout and "max abs > 1" in result.stdout
