@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "deviation per head with a PASS/FAIL verdict (exit 1 on FAIL)",
     )
     args = parser.parse_args(argv)
-    args.find = not args.whole_image if args.find is None else args.find
+    args.find = (FIND_BY_DEFAULT and not args.whole_image) if args.find is None else args.find
     if not 0 <= args.find_score <= 1:
         parser.error("--find-score must be between 0 and 1")
     if args.draw and not args.find:

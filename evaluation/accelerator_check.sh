@@ -46,14 +46,22 @@ for dtype in float32 bfloat16 float16; do
   step "precision_$dtype" "$PY" evaluation/eval_precision.py --device "$DEVICE" --dtype "$dtype" --json "$OUT/precision-$dtype.json"
 done
 step precision_fp32_strict "$PY" evaluation/eval_precision.py --device "$DEVICE" --fp32-mode strict --json "$OUT/precision-float32-strict.json"
+# the localizer: its checkpoint on the device, find-then-read against the CPU fp32 pipeline, its precision
+step test_load_localizer "$PY" test_load.py --network localizer --device "$DEVICE"
+for dtype in float32 bfloat16; do
+  step "compare_find_$dtype" "$PY" inference.py --find --device "$DEVICE" --dtype "$dtype" --compare --json "$OUT/compare-find-$dtype.json"
+  step "precision_localizer_$dtype" "$PY" evaluation/eval_precision.py --network localizer --device "$DEVICE" --dtype "$dtype" --json "$OUT/precision-localizer-$dtype.json"
+done
+# both networks per batch size, and (eager only) the find-then-read pipeline from the image files
 step performance_eager   "$PY" evaluation/eval_performance.py --device "$DEVICE" --batch-sizes $BATCHES --runs "$RUNS" --json "$OUT/performance-eager.json"
-step performance_bf16    "$PY" evaluation/eval_performance.py --devices "$DEVICE" --dtype bfloat16 --batch-sizes $BATCHES --runs "$RUNS" --json "$OUT/performance-bf16.json"
+step performance_bf16    "$PY" evaluation/eval_performance.py --devices "$DEVICE" --dtype bfloat16 --batch-sizes $BATCHES --runs "$RUNS" --no-pipeline --json "$OUT/performance-bf16.json"
 if [ "${SVHN_CHECK_COMPILE:-1}" != 0 ]; then
-  step performance_compile "$PY" evaluation/eval_performance.py --devices "$DEVICE" --compile --batch-sizes $BATCHES --runs "$RUNS" --json "$OUT/performance-compile.json"
+  step performance_compile "$PY" evaluation/eval_performance.py --devices "$DEVICE" --compile --batch-sizes $BATCHES --runs "$RUNS" --no-pipeline --json "$OUT/performance-compile.json"
 fi
 for bs in ${SVHN_CHECK_TRAIN_BATCHES:-64 256}; do
   step "train_benchmark_b$bs"      "$PY" train.py --benchmark --device "$DEVICE" --batch-size "$bs" --out "$OUT/train"
   step "train_benchmark_b${bs}_bf16" "$PY" train.py --benchmark --device "$DEVICE" --batch-size "$bs" --amp bf16 --out "$OUT/train"
+  step "train_localizer_benchmark_b$bs" "$PY" train.py --task localizer --benchmark --device "$DEVICE" --batch-size "$bs"
 done
 step train_short "$PY" train.py --synthetic "$TRAIN_IMAGES" --steps "$TRAIN_STEPS" --val-every "$TRAIN_STEPS" --batch-size 64 --device "$DEVICE" --out "$OUT/train-short" --cache "$OUT/cache"
 cp "$OUT/train-short/log.jsonl" "$OUT/train-short-log.jsonl" 2>/dev/null

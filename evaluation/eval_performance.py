@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [resolve_device(spec) for spec in specs]
     results: dict = {
         "checkpoint": checkpoint,
-        "localizer": loc_checkpoint,
+        **({"localizer": loc_checkpoint} if loc_model is not None else {}),
         "settings": {"dtype": args.dtype, "warmup": args.warmup, "runs": args.runs, "batch_sizes": args.batch_sizes,
                      "timed_region": "forward on a batch already on the device, synchronised"},
         "machine": devices.environment(torch.device("cpu")),
@@ -327,13 +327,15 @@ def main(argv: list[str] | None = None) -> int:
                 for d in results["devices"] if d is not cpu and d["network"] == name
                 for c, r in zip(cpu["rows"], d["rows"])
             )
-    results["localizer_over_recognizer"] = ratios(results)
+    if ratios(results):
+        results["localizer_over_recognizer"] = ratios(results)
     if args.cpu_roofline:
         exits.note("measuring the CPU targets (interleaved rounds)")
         results["cpu_roofline"] = cpu_roofline(model, args.runs)
     m = results["machine"]
     print(f"# Performance: {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}\n")
-    print(f"checkpoint: {checkpoint}; localizer: {loc_checkpoint}; {args.warmup} warm-up and {args.runs} timed calls per batch size\n")
+    print(f"checkpoint: {checkpoint}" + (f"; localizer: {loc_checkpoint}" if loc_model is not None else "")
+          + f"; {args.warmup} warm-up and {args.runs} timed calls per batch size\n")
     print(markdown(results))
     if out:
         out.finish(results)

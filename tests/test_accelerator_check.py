@@ -24,8 +24,10 @@ def test_the_accelerator_check_runs_and_writes_its_results(random_checkpoint, tm
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     steps = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines())
     assert steps and all(rc == "0" for rc in steps.values()), (out / "log.txt").read_text()
-    assert {"test_load", "compare_fp32_default", "compare_float16", "precision_float32", "performance_eager", "train_short"} <= set(steps)
-    for name in ("compare-fp32-strict", "compare-bfloat16", "precision-float32", "precision-bfloat16", "performance-eager", "performance-bf16"):
+    assert {"test_load", "compare_fp32_default", "compare_float16", "precision_float32", "performance_eager", "train_short",
+            "test_load_localizer", "compare_find_float32", "precision_localizer_bfloat16", "train_localizer_benchmark_b2"} <= set(steps)
+    for name in ("compare-fp32-strict", "compare-bfloat16", "precision-float32", "precision-bfloat16", "performance-eager", "performance-bf16",
+                 "compare-find-float32", "precision-localizer-float32"):
         data = json.loads((out / f"{name}.json").read_text())
         assert data.get("complete") is True, name
     assert json.loads((out / "environment.json").read_text())["device"] == "cpu"

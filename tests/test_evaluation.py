@@ -123,7 +123,8 @@ def sgemm_gflops() -> float:
 def test_eval_performance_end_to_end(random_checkpoint, tmp_path):
     out = tmp_path / "perf.json"
     result = run_cli("evaluation/eval_performance.py", "--checkpoint", str(random_checkpoint), "--devices", "cpu",
-                     "--batch-sizes", "1", "2", "--warmup", "3", "--runs", "5", "--cpu-roofline", "--json", str(out))
+                     "--batch-sizes", "1", "2", "--warmup", "3", "--runs", "5", "--cpu-roofline", "--network", "recognizer", "--no-pipeline",
+                     "--json", str(out))
     assert_no_traceback(result)
     assert result.returncode == 0, result.stderr
     assert "| batch | cold start ms |" in result.stdout and "fp32 peak (best of the two)" in result.stdout
