@@ -8,6 +8,7 @@ import svhn  # noqa: F401  (first, as in every script: keeps torch_npu from load
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,13 @@ def run_cli(
         [*prefix, sys.executable, str(ROOT / script), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs,
     )
+
+
+def ctrl_c_default() -> None:
+    """preexec_fn for a child a test will interrupt: Ctrl-C's default disposition, whatever the
+    test runner inherited (a shell starts background jobs with SIGINT ignored, and a Python
+    started so never turns SIGINT into KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_no_traceback, run_cli
+from conftest import ROOT, assert_no_traceback, ctrl_c_default, run_cli
 from digitstruct import write_digit_struct
 from conftest import without_root_privilege
 
@@ -206,7 +206,7 @@ def test_ctrl_c_leaves_valid_json_with_every_image_read(random_checkpoint, tmp_p
     out = tmp_path / "out.json"
     args = [sys.executable, str(ROOT / "inference.py"), "--checkpoint", str(random_checkpoint), "--batch-size", "1",
             "--json", str(out), "--image", *[str(p) for p in EXAMPLES] * 30] + (["--compare"] if compare else [])
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default)
     interrupt_when(out, proc, lambda text: text.count('"image"') >= 3)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
@@ -226,7 +226,7 @@ def test_eval_accuracy_streams_its_json(random_checkpoint, labelled_folder):
     out = labelled_folder / "report.json"
     proc = subprocess.Popen([sys.executable, str(ROOT / "evaluation/eval_accuracy.py"), "--checkpoint", str(random_checkpoint),
                              "--device", "cpu", "--data", str(labelled_folder), "--batch-size", "2", "--json", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default)
     interrupt_when(out, proc, lambda text: text.count('"true_number"') >= 4)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
@@ -299,7 +299,7 @@ def test_a_glob_into_an_unreadable_folder_says_so(random_checkpoint, tmp_path):
 
 def test_ctrl_c_while_torch_loads(random_checkpoint):
     proc = subprocess.Popen([sys.executable, str(ROOT / "inference.py"), "--checkpoint", str(random_checkpoint)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default)
     time.sleep(0.4)  # python is up; `import torch` takes about a second more
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
