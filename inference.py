@@ -228,7 +228,9 @@ def find_batches(items: list, args: argparse.Namespace, run, check) -> Iterator[
         names = [printable(p) for _, p in done]
         results = find_and_read(photos, names, localize, recognize, args.find_score)
         if check:
-            ref = find_and_read(photos, names, lambda b, n: check.localizer.reference.outputs(b), lambda b, n: check.recognizer.reference.outputs(b), args.find_score)
+            # the reference localizer already ran on this batch inside the comparison: go on from its outputs
+            ref = find_and_read(photos, names, lambda b, n: check.localizer.latest_reference, lambda b, n: check.recognizer.reference.outputs(b),
+                                args.find_score)
             check.pipeline_ref += [(numbers_of(r), numbers_of(t)) for r, t in zip(ref, results)]
         for (i, path), photo, result in zip(done, photos, results):
             records.append((i, path, found_record(result, photo.note)))

@@ -177,7 +177,8 @@ def agreement(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> dict:
     """How well the boxes a target finds match the reference's: the IoU of each image's best box
     (1 where neither finds one, 0 where only one does), its mean and minimum."""
     values = []
-    for r, o in zip(decode(ref), decode(out)):
+    ref_found, out_found = decode(ref), decode(out)
+    for r, o in zip(ref_found, out_found):
         if not r and not o:
             values.append(1.0)
         elif not r or not o:
@@ -186,7 +187,7 @@ def agreement(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> dict:
             values.append(float(iou(corners(torch.tensor([r[0].box])), corners(torch.tensor([o[0].box])))[0, 0]))
     n = len(values)
     return {"box_iou_mean": sum(values) / n if n else 1.0, "box_iou_min": min(values, default=1.0),
-            "found_differ": sum((not r) != (not o) for r, o in zip(decode(ref), decode(out)))}
+            "found_differ": sum((not r) != (not o) for r, o in zip(ref_found, out_found))}
 
 
 # --------------------------------------------------------------------------------------------

@@ -327,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                 for d in results["devices"] if d is not cpu and d["network"] == name
                 for c, r in zip(cpu["rows"], d["rows"])
             )
-    if ratios(results):
-        results["localizer_over_recognizer"] = ratios(results)
+    ratio = ratios(results)
+    if ratio:
+        results["localizer_over_recognizer"] = ratio
     if args.cpu_roofline:
         exits.note("measuring the CPU targets (interleaved rounds)")
         results["cpu_roofline"] = cpu_roofline(model, args.runs)

@@ -351,8 +351,7 @@ class LocalizerTask:
 
     @staticmethod
     def checkpoint(model: nn.Module) -> dict:
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        return L.checkpoint(inner)
+        return L.checkpoint(model)  # the engine hands over the bare module, never its DDP wrapper
 
     def flops_per_image(self) -> int:
         return L.flops_per_image(self.arch)

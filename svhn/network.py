@@ -159,6 +159,11 @@ class Comparison:
         self.names += [str(n) for n in names]
         return self._out[-1]
 
+    @property
+    def latest_reference(self) -> tuple[torch.Tensor, ...]:
+        """The reference's outputs for the batch added last (for a caller that goes on from them)."""
+        return self._ref[-1]
+
     def report(self) -> dict:
         ref = [torch.cat([b[h] for b in self._ref]) for h in range(len(self.spec.outputs))]
         out = [torch.cat([b[h] for b in self._out]) for h in range(len(self.spec.outputs))]
