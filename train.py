@@ -15,7 +15,9 @@ labels.csv), cropped by the same protocol into an on-disk cache once; --syntheti
 project's own rendered house numbers. Validation: --val DIR, else a seeded --val-fraction split.
 The recipe's defaults are potterhsu/SVHNClassifier-PyTorch's (SGD, momentum 0.9, weight decay
 5e-4, lr 0.01 x0.9 every 10,000 steps, batch 32, validation every 1,000 steps, stop after 100
-validations without improvement); --preset readme is its README's batch-512 run.
+validations without improvement); --preset readme is its README's batch-512 run. The
+localizer's own defaults (--task localizer): AdamW lr 0.002, cosine after 200 warm-up steps,
+4,000 steps, an EMA of the weights (decay 0.999) validated and checkpointed.
 Outputs in --out: model-<step>.pth (plain fp32 state dicts with the published keys, written
 when validation improves, the last --keep kept), training_state.pt (for --resume), log.jsonl and
 curves.png. Ctrl-C and SIGTERM save a resumable state. Exit status: 0 done; 1 the run failed (a
@@ -40,12 +42,12 @@ from svhn.distributed import Ranks
 from svhn.recognizer_training import DataSpec, RecognizerTask, load_crops
 from svhn.synthetic import STYLES
 from svhn.text import printable, shown
-from svhn.training import STATE_FILE, Recipe, RunFolder, Trainer, TrainingError, benchmark, read_state, train
+from svhn.training import OLD_RECIPE, RECIPE_CHOICES, STATE_FILE, Recipe, RunFolder, Trainer, TrainingError, benchmark, read_state, train
 
 PRESETS = {"readme": {"batch_size": 512, "lr": 0.16, "lr_step": 625}}
 # The localizer's recipe where the flags are left at the recognizer's (measured: README, localizer)
-TASK_DEFAULTS = {"localizer": {"steps": 8000, "lr": 0.02, "lr_step": 3000, "lr_gamma": 0.3, "weight_decay": 1e-4, "val_every": 250,
-                               "patience": 20, "val_fraction": 0.25}}
+TASK_DEFAULTS = {"localizer": {"steps": 4000, "optimizer": "adamw", "lr": 0.002, "schedule": "cosine", "warmup": 200, "ema": 0.999,
+                               "val_every": 250, "patience": 20, "val_fraction": 0.25}}
 DATA = ("task", "arch", "data", "synthetic", "synthetic_style", "val", "val_fraction")
 AMP_ALIASES = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -72,9 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group = parser.add_argument_group("recipe")
     group.add_argument("--preset", choices=sorted(PRESETS), help="readme: batch 512, lr 0.16, x0.9 every 625 steps")
     for f in fields(Recipe):
-        if f.name not in ("dtype",):
-            kind = flags.positive_int if f.type == "int" and f.name != "seed" else (int if f.type == "int" else float)
-            group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help="(default: %(default)s)")
+        where = f"; --task localizer: {TASK_DEFAULTS['localizer'][f.name]}" if f.name in TASK_DEFAULTS["localizer"] else ""
+        if f.name in RECIPE_CHOICES:
+            group.add_argument(f"--{f.name}", choices=RECIPE_CHOICES[f.name], default=f.default, help=f"(default: %(default)s{where})")
+        elif f.name != "dtype":
+            kind = {"int": flags.positive_int, "float": float}[f.type] if f.name not in ("seed", "warmup") else flags.non_negative_int
+            group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f"(default: %(default)s{where})")
     group = parser.add_argument_group("device")
     flags.add_device_arg(group)
     group.add_argument("--dtype", choices=list(AMP_ALIASES.values()), default=None, help="autocast dtype (float16 with a gradient scaler; default: float32)")
@@ -94,6 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dtype = args.dtype or AMP_ALIASES[args.amp or "off"]
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be between 0 and 1")
+    if not 0 <= args.ema < 1:
+        parser.error("--ema must be at least 0 (off) and below 1")
     if not (args.out or args.benchmark):
         parser.error("the following arguments are required: --out")
     if not (args.data or args.synthetic or args.resume or args.benchmark):
@@ -145,7 +152,7 @@ def run(args: argparse.Namespace, recipe: Recipe, ranks: Ranks) -> int:
         folder.clear()
     state = read_state(folder.path / STATE_FILE) if args.resume else None
     if state is not None:  # the run goes on with the network, recipe and data it started with
-        saved = state["args"]["recipe"]
+        saved = {**OLD_RECIPE, **state["args"]["recipe"]}
         recipe = Recipe(**{**asdict(recipe), **saved, "steps": args.steps if "steps" in args.given else saved["steps"]})
         for key in DATA:
             setattr(args, key, state["args"].get(key, {"task": "recognizer", "arch": localizer.DEFAULT_ARCH}.get(key)))

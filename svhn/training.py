@@ -11,13 +11,14 @@ exactly the batch it would have taken, and an image that cannot be used was alre
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import io
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -44,16 +45,60 @@ class Recipe:
 
     steps: int = 20000
     batch_size: int = 32
+    optimizer: str = "sgd"  # or "adamw" (momentum is then Adam's beta1)
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    schedule: str = "step"  # "step": x lr_gamma every lr_step steps; "cosine": to 0 at `steps`, after `warmup` steps of linear rise
     lr_step: int = 10000
     lr_gamma: float = 0.9
+    warmup: int = 0
+    ema: float = 0.0  # > 0: validate and checkpoint an exponential moving average of the weights with this decay
     val_every: int = 1000
     patience: int = 100
     keep: int = 5
     dtype: str = "float32"  # autocast dtype; float16 adds a gradient scaler
     seed: int = 0
+
+
+RECIPE_CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("step", "cosine")}
+OLD_RECIPE = {"optimizer": "sgd", "schedule": "step", "warmup": 0, "ema": 0.0}  # what a state saved before these fields existed trained with
+
+
+def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, betas=(recipe.momentum, 0.999), weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+def make_schedule(opt: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per iteration. The cosine's warm-up is at most a fifth of the run, so that a
+    short fine-tune is not spent rising."""
+    if recipe.schedule == "cosine":
+        rise, steps = max(1, min(recipe.warmup, recipe.steps // 5)), max(1, recipe.steps)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / rise) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
+
+
+class EMA:
+    """An exponential moving average of a model's weights (parameters and BatchNorm statistics),
+    the decay ramped as (1 + n) / (10 + n) up to `decay` so that early updates are not swamped
+    by the random start. On small, noisy data it validates steadier and better than the raw
+    weights (measured on the localizer: README)."""
+
+    def __init__(self, model: nn.Module, decay: float, updates: int = 0) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, updates
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for mine, theirs in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if mine.is_floating_point():
+                mine.mul_(d).add_(theirs.detach(), alpha=1 - d)
+            else:
+                mine.copy_(theirs)
 
 
 class Task(Protocol):
@@ -225,8 +270,9 @@ class Trainer:
         self.net = self.model
         if ranks.world > 1:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[ranks.device.index] if ranks.device.type != "cpu" else None)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-        self.schedule = torch.optim.lr_scheduler.StepLR(self.opt, step_size=recipe.lr_step, gamma=recipe.lr_gamma)  # stepped per iteration
+        self.opt = make_optimizer(self.model.parameters(), recipe)
+        self.schedule = make_schedule(self.opt, recipe)
+        self.ema = EMA(self.model, recipe.ema) if recipe.ema > 0 else None
         self.amp = AMP_DTYPES[recipe.dtype]
         self.scaler = torch.amp.GradScaler(ranks.device.type, enabled=recipe.dtype == "float16")
         self.progress = Progress()
@@ -238,6 +284,9 @@ class Trainer:
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.progress = Progress(state["step"], state["best"], state["stale"], list(state["kept"]))
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.model.load_state_dict(state["ema"])
+                self.ema.updates = state["step"]
             set_rng_state(state["rng"], ranks.device)
         else:
             torch.manual_seed(recipe.seed)  # dropout's draws, the same from here on every run of this seed
@@ -253,13 +302,21 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.schedule.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         return parts
+
+    @property
+    def kept_model(self) -> nn.Module:
+        """What is validated and written as a checkpoint: the EMA of the weights, when on."""
+        return self.ema.model if self.ema is not None else self.model
 
     def save_state(self) -> None:
         if self.ranks.main:
             p = self.progress
             self._write({"args": self.saved_args, "task": self.task.name, "step": p.step, "model": plain_state_dict(self.net),
                          "optimizer": self.opt.state_dict(), "scheduler": self.schedule.state_dict(),
+                         "ema": plain_state_dict(self.ema.model) if self.ema is not None else None,
                          "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                          "rng": rng_state(self.ranks.device), "best": p.best, "stale": p.stale, "kept": p.kept}, STATE_FILE)
 
@@ -276,7 +333,11 @@ class Trainer:
         return f"{self.task.checkpoint_prefix}-{step}.pth"
 
     def validate(self) -> dict:
-        return self.task.validate(self.net, self.ranks, self.channels_last)
+        if self.ema is None:
+            return self.task.validate(self.net, self.ranks, self.channels_last)
+        result = self.task.validate(self.ema.model, self.ranks, self.channels_last)
+        self.ema.model.eval()  # the task puts what it validated back in training mode
+        return result
 
     def starting_score(self, source: str, to_beat: bool) -> None:
         """Where the run starts from, for the log and the curves; when the run starts from trained
@@ -297,7 +358,7 @@ class Trainer:
             p.best, p.stale = result["score"], 0
             if self.ranks.main:
                 p.kept.append(p.step)
-                self._write(self.task.checkpoint(self.model), self.checkpoint_name(p.step))
+                self._write(self.task.checkpoint(self.kept_model), self.checkpoint_name(p.step))
                 for old in p.kept[: -r.keep]:
                     (self.folder.path / self.checkpoint_name(old)).unlink(missing_ok=True)
                 p.kept = p.kept[-r.keep :]
@@ -382,7 +443,8 @@ def benchmark(task: Task, model: nn.Module, recipe: Recipe, device: torch.device
     model = model.to(device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    opt = make_optimizer(model.parameters(), replace(recipe, lr=1e-4))
+    ema = EMA(model, recipe.ema) if recipe.ema > 0 else None
     x, y = task.random_batch(recipe.batch_size)
     x, y = x.to(device), y.to(device)
     if channels_last:
@@ -395,6 +457,8 @@ def benchmark(task: Task, model: nn.Module, recipe: Recipe, device: torch.device
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update(model)
 
     timer = devices.DeviceTimer(device)
     for _ in range(3):

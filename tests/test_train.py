@@ -143,6 +143,7 @@ def test_bad_training_requests_are_one_line(tmp_path, random_checkpoint):
         (["--data", str(tmp_path / "none")], "no such folder"),
         (["--resume"], "no training state to resume"),
         (["--synthetic", "10", "--init", str(tmp_path / "nothing.pth")], "no such file or folder"),
+        (["--synthetic", "10", "--ema", "1"], "--ema must be at least 0"),
     ):
         result = run_cli("train.py", "--device", "cpu", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), *args)
         assert_no_traceback(result)
