@@ -20,6 +20,7 @@ from svhn.boxes import box_iou, corners, iou, letterbox, nms, union
 from svhn.checkpoints import SHIPPED_LOCALIZER, load_localizer
 from svhn.labels import labelled_set
 from svhn.onnx_model import ATC_OPS
+from svhn.synthetic import make_scene_set
 
 
 @pytest.fixture(scope="session")
@@ -164,6 +165,24 @@ def test_scene_labels_give_every_number_box(tmp_path):
     assert by_file["nobox.png"].number_boxes is None
     assert len(found.errors) == 2 and all("left out" in e for e in found.errors)
     assert "needs its digit boxes" in found.errors[0] and "bad2.png" in found.errors[1]
+
+
+def test_scenes_hold_numbers_whose_digits_are_set_apart_and_out_of_line(tmp_path):
+    """SVHN's numbers are often digits mounted one by one (apart, climbing a step): the scenes
+    render such numbers, each digit's box inside the picture, every digit of a number boxed."""
+    folder = make_scene_set(tmp_path / "scenes", 80, seed=2)
+    apart = climbing = 0
+    for entry in json.loads((folder / "labels.json").read_text()):
+        w, h = Image.open(folder / entry["file"]).size
+        for number in entry["numbers"]:
+            boxes = number["boxes"]
+            assert len(boxes) == len(number["label"])
+            assert all(0 <= x and 0 <= y and x + bw <= w + 0.5 and y + bh <= h + 0.5 for x, y, bw, bh in boxes)
+            for a, b in zip(boxes, boxes[1:]):
+                tall = max(a[3], b[3])
+                apart += b[0] - (a[0] + a[2]) > 0.3 * tall
+                climbing += abs((b[1] + b[3] / 2) - (a[1] + a[3] / 2)) > 0.15 * tall
+    assert apart >= 5 and climbing >= 3, (apart, climbing)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +355,8 @@ def test_train_localizer_writes_checkpoints_inference_can_use_and_resumes(checkp
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert {r["step"] for r in log if "val_accuracy" in r} == {10, 20}
     assert all(set(r["loss_per_head"]) == {"heatmap", "box"} for r in log if "loss" in r)
+    lr = {r["step"]: r["lr"] for r in log if "lr" in r}  # the localizer's cosine: half way at step 10, zero at the end
+    assert lr[10] == pytest.approx(0.001, rel=0.01) and lr[20] < 1e-9
     labels = json.loads(next(cache.glob("scenes-*/labels.json")).read_text())
     assert len(labels) == 60 and any(not e["numbers"] for e in labels) and any(len(e["numbers"]) == 1 for e in labels)
     # the checkpoint is the localizer's format, read by inference
@@ -345,6 +366,30 @@ def test_train_localizer_writes_checkpoints_inference_can_use_and_resumes(checkp
     more = run_cli("train.py", "--resume", "--out", str(out), "--steps", "30", "--cache", str(cache))
     assert more.returncode == 0, more.stderr
     assert max(json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()) == 30
+
+
+@pytest.mark.slow
+def test_the_ema_is_what_is_checkpointed_and_resumes_exactly(full_images, tmp_path):
+    """AdamW with an EMA of the weights (the localizer's recipe): the checkpoint holds the EMA,
+    not the raw weights, and a resumed run ends with the same weights, EMA and optimizer state as
+    a straight one (a step schedule, so that the resumed run's schedule is the straight one's)."""
+    cache = tmp_path / "cache"
+    common = ["--task", "localizer", "--data", str(full_images), "--init", "scratch", "--batch-size", "4", "--optimizer", "adamw",
+              "--schedule", "step", "--ema", "0.9", "--seed", "3", "--cache", str(cache), "--device", "cpu"]
+    for args in (["--out", str(tmp_path / "straight"), "--steps", "6", "--val-every", "6"],
+                 ["--out", str(tmp_path / "resumed"), "--steps", "3", "--val-every", "3"],
+                 ["--out", str(tmp_path / "resumed"), "--resume", "--steps", "6"]):
+        result = run_cli("train.py", *common, *args) if "--resume" not in args else run_cli("train.py", *args, "--cache", str(cache))
+        assert result.returncode == 0, result.stderr
+    a = torch.load(tmp_path / "straight" / "training_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "training_state.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6 and a["args"]["recipe"]["optimizer"] == "adamw"
+    for key in ("model", "ema"):
+        assert [k for k in a[key] if not torch.equal(a[key][k], b[key][k])] == [], key
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+    saved = torch.load(tmp_path / "straight" / "localizer-6.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], a["ema"][k]) for k in saved)
+    assert any(not torch.equal(saved[k], a["model"][k]) for k in saved if saved[k].is_floating_point())
 
 
 def test_train_localizer_benchmark():
