@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from svhn.exits import UserError
+from svhn.files import write_bytes_atomic
 
 
 SYSTEM_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "/Library/Fonts", "/System/Library/Fonts", "C:/Windows/Fonts")
@@ -196,10 +197,11 @@ def _write_set(folder: str | Path, stamp: dict, count: int, seed: int, one) -> P
     if done.is_file() and json.loads(done.read_text()) == stamp:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)  # first: a render killed half way must not leave an older set's stamp over its files
     rng = random.Random(seed)
     labels = [one(i, rng, fonts, folder) for i in range(count)]
-    (folder / "labels.json").write_text(json.dumps(labels))
-    done.write_text(json.dumps(stamp))
+    write_bytes_atomic(folder / "labels.json", json.dumps(labels).encode())
+    write_bytes_atomic(done, json.dumps(stamp).encode())  # last: the stamp says the set is whole
     return folder
 
 

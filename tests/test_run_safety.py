@@ -210,6 +210,27 @@ def test_a_run_removes_the_leftovers_of_killed_writes(finished_run, cache, tmp_p
     assert not any(p.exists() for p in leftovers) and keep.exists()
 
 
+def test_a_synthetic_set_killed_while_rendered_again_is_never_taken_for_the_old_one(tmp_path):
+    """A cached set re-rendered with another seed and killed half way over its files: asked for
+    the old set again, the cache renders it again rather than hand out the mix (the stamp goes
+    first, and comes back last)."""
+    folder, fresh = tmp_path / "set", tmp_path / "fresh"
+    make_set(folder, 10, seed=1)
+    child = subprocess.Popen([sys.executable, "-c", f"from svhn.synthetic import make_set; make_set({str(folder)!r}, 100000, seed=2)"], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / "000030.png").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait()
+    assert (folder / "000030.png").exists()
+    make_set(folder, 10, seed=1)
+    make_set(fresh, 10, seed=1)
+    assert (folder / "labels.json").read_text() == (fresh / "labels.json").read_text()
+    assert all((folder / f"{i:06d}.png").read_bytes() == (fresh / f"{i:06d}.png").read_bytes() for i in range(10))
+
+
 # --- 5, 6, 7. full and read-only disks -----------------------------------------------------------------
 
 
