@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="add N synthetic images (seeded by --seed): house-number crops for the recognizer, whole scenes for the localizer")
     group.add_argument("--synthetic-style", choices=sorted(STYLES), default="plain", help="their look (default: %(default)s)")
     group.add_argument("--val", metavar="DIR", help="validation folder (default: a seeded --val-fraction of the data)")
-    group.add_argument("--val-fraction", type=float, default=0.1, help="(default: %(default)s)")
+    group.add_argument("--val-fraction", type=float, default=None, help="(default: 0.1; --task localizer: 0.25)")
     group.add_argument("--cache", metavar="DIR", help="crop cache (default: ~/.cache/svhn-ascend)")
     flags.add_workers_arg(group)
     group = parser.add_argument_group("model")
@@ -75,11 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--preset", choices=sorted(PRESETS), help="readme: batch 512, lr 0.16, x0.9 every 625 steps")
     for f in fields(Recipe):
         where = f"; --task localizer: {TASK_DEFAULTS['localizer'][f.name]}" if f.name in TASK_DEFAULTS["localizer"] else ""
+        # default None: a flag the user gives wins over --preset and the task's defaults, even when it names the recognizer's value
         if f.name in RECIPE_CHOICES:
-            group.add_argument(f"--{f.name}", choices=RECIPE_CHOICES[f.name], default=f.default, help=f"(default: %(default)s{where})")
+            group.add_argument(f"--{f.name}", choices=RECIPE_CHOICES[f.name], default=None, help=f"(default: {f.default}{where})")
         elif f.name != "dtype":
             kind = {"int": flags.positive_int, "float": float}[f.type] if f.name not in ("seed", "warmup") else flags.non_negative_int
-            group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f"(default: %(default)s{where})")
+            group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"(default: {f.default}{where})")
     group = parser.add_argument_group("device")
     flags.add_device_arg(group)
     group.add_argument("--dtype", choices=list(AMP_ALIASES.values()), default=None, help="autocast dtype (float16 with a gradient scaler; default: float32)")
@@ -90,9 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run: its checkpoints, state, log and curves are removed first")
     group.add_argument("--benchmark", action="store_true", help="time training steps on random data at --batch-size, print images/s, and exit")
     args = parser.parse_args(argv)
-    args.given = {f.name for f in fields(Recipe) if f.name != "dtype" and getattr(args, f.name) != parser.get_default(f.name)}
-    for key, value in {**TASK_DEFAULTS.get(args.task, {}), **PRESETS.get(args.preset, {})}.items():
-        if parser.get_default(key) == getattr(args, key):
+    args.given = {f.name for f in fields(Recipe) if f.name != "dtype" and getattr(args, f.name) is not None}
+    defaults = {**{f.name: f.default for f in fields(Recipe)}, "val_fraction": 0.1, **TASK_DEFAULTS.get(args.task, {}), **PRESETS.get(args.preset, {})}
+    for key, value in defaults.items():
+        if key != "dtype" and getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.amp and args.dtype and AMP_ALIASES[args.amp] != args.dtype:
         parser.error(f"--amp {args.amp} and --dtype {args.dtype} disagree; give one")

@@ -384,6 +384,7 @@ def test_the_ema_is_what_is_checkpointed_and_resumes_exactly(full_images, tmp_pa
     a = torch.load(tmp_path / "straight" / "training_state.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "training_state.pt", weights_only=True)
     assert a["step"] == b["step"] == 6 and a["args"]["recipe"]["optimizer"] == "adamw"
+    assert a["args"]["recipe"]["schedule"] == "step"  # given, so it wins over the localizer's default (cosine), though it is the recognizer's
     for key in ("model", "ema"):
         assert [k for k in a[key] if not torch.equal(a[key][k], b[key][k])] == [], key
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
