@@ -45,7 +45,7 @@ from svhn.text import printable, shown
 from svhn.training import OLD_RECIPE, RECIPE_CHOICES, STATE_FILE, Recipe, RunFolder, Trainer, TrainingError, benchmark, read_state, train
 
 PRESETS = {"readme": {"batch_size": 512, "lr": 0.16, "lr_step": 625}}
-# The localizer's recipe where the flags are left at the recognizer's (measured: README, localizer)
+# The localizer's recipe, where its flags are not given (measured: README, localizer)
 TASK_DEFAULTS = {"localizer": {"steps": 4000, "optimizer": "adamw", "lr": 0.002, "schedule": "cosine", "warmup": 200, "ema": 0.999,
                                "val_every": 250, "patience": 20, "val_fraction": 0.25}}
 DATA = ("task", "arch", "data", "synthetic", "synthetic_style", "val", "val_fraction")
