@@ -82,30 +82,40 @@ def _colours(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, 
             return plaque, ink
 
 
-def mounted_layout(rng: random.Random, n: int, height: int) -> tuple[list[int], list[int]] | None:
-    """Gaps after and vertical drops of each of n digits, in pixels, for digits mounted one by
-    one on a wall (SVHN's "3 2 7" climbing a step, "19 22" spread over a door): a third of the
-    time apart by 15 to 70 % of their height, half of those climbing or falling by up to a third
-    of it per digit; None (set as type, in a row) otherwise."""
-    if n < 2 or rng.random() >= 1 / 3:
-        return None
+def digit_row(rng: random.Random, n: int, height: int, gap: int, mounted: bool) -> tuple[list[int], list[int]]:
+    """The gap after and the vertical drop of each of n digits, in pixels: set as type, `gap`
+    apart in a row; or, when `mounted`, a third of the time as digits mounted one by one on a
+    wall (SVHN's "3 2 7" climbing a step, "19 22" spread over a door): apart by 15 to 70 % of
+    their height, half of those climbing or falling by up to a third of it per digit."""
+    if not mounted or n < 2 or rng.random() >= 1 / 3:
+        return [gap] * n, [0] * n
     gaps = [max(0, round(height * rng.uniform(0.15, 0.7) * rng.uniform(0.8, 1.2))) for _ in range(n)]
     slope = rng.uniform(-0.33, 0.33) if rng.random() < 0.5 else 0.0
     drops = [round(height * (i * slope + rng.uniform(-0.06, 0.06))) for i in range(n)]
     return gaps, drops
 
 
+def _draw_digits(draw: ImageDraw.ImageDraw, number: str, font, glyphs: list, ink, x: int, top: int,
+                 gaps: list[int], drops: list[int]) -> list[list[float]]:
+    """Draw the digits from x, each `drop` below `top` and `gap` before the next; their boxes."""
+    boxes = []
+    for d, b, gap, drop in zip(number, glyphs, gaps, drops):
+        draw.text((x - b[0], top + drop), d, font=font, fill=ink)
+        boxes.append([float(x), float(top + drop + b[1]), float(b[2] - b[0]), float(b[3] - b[1])])
+        x += b[2] - b[0] + gap
+    return boxes
+
+
 def render(number: str, rng: random.Random, fonts: tuple[Path, ...], mounted: bool = False) -> tuple[Image.Image, list[list[float]]]:
     """One photo of `number` and its digit boxes [left, top, width, height]. `mounted`: some of
-    the time the digits are set apart and out of line (mounted_layout), as scenes need."""
+    the time the digits are set apart and out of line (digit_row), as scenes need."""
     font = ImageFont.truetype(str(rng.choice(fonts)), rng.randint(24, 64))
     plaque, ink = _colours(rng)
     gap = rng.randint(-2, 10)
     glyphs = [font.getbbox(d) for d in number]
     widths = [b[2] - b[0] for b in glyphs]
     height = max(b[3] for b in glyphs) - min(b[1] for b in glyphs)
-    layout = mounted_layout(rng, len(number), height) if mounted else None
-    gaps, drops = layout or ([gap] * len(number), [0] * len(number))
+    gaps, drops = digit_row(rng, len(number), height, gap, mounted)
     pad_x, pad_y = rng.randint(4, 40), rng.randint(4, 30)
     w = sum(widths) + sum(gaps[:-1]) + 2 * pad_x
     h = height + max(drops) - min(drops) + 2 * pad_y
@@ -113,12 +123,7 @@ def render(number: str, rng: random.Random, fonts: tuple[Path, ...], mounted: bo
     draw = ImageDraw.Draw(img)
     if rng.random() < 0.5:  # a plaque border
         draw.rectangle([1, 1, img.width - 2, img.height - 2], outline=ink, width=rng.randint(1, 3))
-    top = pad_y - min(b[1] for b in glyphs) - min(drops)
-    x, boxes = pad_x, []
-    for d, b, width, gap, drop in zip(number, glyphs, widths, gaps, drops):
-        draw.text((x - b[0], top + drop), d, font=font, fill=ink)
-        boxes.append([float(x), float(top + drop + b[1]), float(width), float(b[3] - b[1])])
-        x += width + gap
+    boxes = _draw_digits(draw, number, font, glyphs, ink, pad_x, pad_y - min(b[1] for b in glyphs) - min(drops), gaps, drops)
     # the plaque on a wider background, as a camera frames it
     scene = Image.new("RGB", (img.width + rng.randint(0, 60), img.height + rng.randint(0, 40)), tuple(rng.randrange(256) for _ in range(3)))
     ox, oy = rng.randint(0, scene.width - img.width), rng.randint(0, scene.height - img.height)
@@ -296,7 +301,7 @@ def _paint(img: Image.Image, number: str, rng: random.Random, fonts: tuple[Path,
     glyphs = [font.getbbox(d) for d in number]
     tall = max(b[3] for b in glyphs) - min(b[1] for b in glyphs)
     gap = rng.randint(0, max(1, height // 6))
-    gaps, drops = mounted_layout(rng, len(number), tall) or ([gap] * len(number), [0] * len(number))
+    gaps, drops = digit_row(rng, len(number), tall, gap, mounted=True)
     width = sum(b[2] - b[0] for b in glyphs) + sum(gaps[:-1])
     tall += max(drops) - min(drops)
     if width >= img.width or tall >= img.height:
@@ -306,11 +311,7 @@ def _paint(img: Image.Image, number: str, rng: random.Random, fonts: tuple[Path,
         return None
     wall = np.asarray(img.crop((x, y, x + width, y + tall)), dtype=np.float32).mean()
     ink = tuple(rng.randrange(0, 70) for _ in range(3)) if wall > 128 else tuple(rng.randrange(190, 256) for _ in range(3))
-    draw, top, boxes = ImageDraw.Draw(img), y - min(b[1] for b in glyphs) - min(drops), []
-    for d, b, gap, drop in zip(number, glyphs, gaps, drops):
-        draw.text((x - b[0], top + drop), d, font=font, fill=ink)
-        boxes.append([float(x), float(top + drop + b[1]), float(b[2] - b[0]), float(b[3] - b[1])])
-        x += b[2] - b[0] + gap
+    boxes = _draw_digits(ImageDraw.Draw(img), number, font, glyphs, ink, x, y - min(b[1] for b in glyphs) - min(drops), gaps, drops)
     placed.append(_outline(boxes))
     return boxes
 

@@ -86,9 +86,9 @@ class EMA:
     by the random start. On small, noisy data it validates steadier and better than the raw
     weights (measured on the localizer: README)."""
 
-    def __init__(self, model: nn.Module, decay: float, updates: int = 0) -> None:
+    def __init__(self, model: nn.Module, decay: float) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.updates = decay, updates
+        self.decay, self.updates = decay, 0
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
