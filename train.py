@@ -12,7 +12,8 @@ on one device or many (torchrun).
 
 Data: --data folders in the forms eval_accuracy.py reads (digitStruct.mat, labels.json,
 labels.csv), cropped by the same protocol into an on-disk cache once; --synthetic N adds the
-project's own rendered house numbers. Validation: --val DIR, else a seeded --val-fraction split.
+project's own rendered house numbers. Validation: --val DIR, else a seeded --val-fraction split
+(--val-fold K holds out the K-th such fold: cross-validation).
 The recipe's defaults are potterhsu/SVHNClassifier-PyTorch's (SGD, momentum 0.9, weight decay
 5e-4, lr 0.01 x0.9 every 10,000 steps, batch 32, validation every 1,000 steps, stop after 100
 validations without improvement); --preset readme is its README's batch-512 run. The
@@ -48,7 +49,7 @@ PRESETS = {"readme": {"batch_size": 512, "lr": 0.16, "lr_step": 625}}
 # The localizer's recipe, where its flags are not given (measured: README, localizer)
 TASK_DEFAULTS = {"localizer": {"steps": 4000, "optimizer": "adamw", "lr": 0.002, "schedule": "cosine", "warmup": 200, "ema": 0.999,
                                "val_every": 250, "patience": 20, "val_fraction": 0.25}}
-DATA = ("task", "arch", "data", "synthetic", "synthetic_style", "val", "val_fraction")
+DATA = ("task", "arch", "data", "synthetic", "synthetic_style", "val", "val_fraction", "val_fold")
 AMP_ALIASES = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--synthetic-style", choices=sorted(STYLES), default="plain", help="their look (default: %(default)s)")
     group.add_argument("--val", metavar="DIR", help="validation folder (default: a seeded --val-fraction of the data)")
     group.add_argument("--val-fraction", type=float, default=None, help="(default: 0.1; --task localizer: 0.25)")
+    group.add_argument("--val-fold", type=flags.non_negative_int, default=0, metavar="K",
+                       help="hold out the K-th of the seeded --val-fraction folds instead of the first (K = 0, 1, ...: cross-validation; default: 0)")
     group.add_argument("--cache", metavar="DIR", help="crop cache (default: ~/.cache/svhn-ascend)")
     flags.add_workers_arg(group)
     group = parser.add_argument_group("model")
@@ -101,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dtype = args.dtype or AMP_ALIASES[args.amp or "off"]
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be between 0 and 1")
+    if args.val and args.val_fold:
+        parser.error("--val-fold picks the held-out part of --data; it does not apply with --val DIR")
     if not 0 <= args.ema < 1:
         parser.error("--ema must be at least 0 (off) and below 1")
     if not (args.out or args.benchmark):
@@ -157,13 +162,13 @@ def run(args: argparse.Namespace, recipe: Recipe, ranks: Ranks) -> int:
         saved = {**OLD_RECIPE, **state["args"]["recipe"]}
         recipe = Recipe(**{**asdict(recipe), **saved, "steps": args.steps if "steps" in args.given else saved["steps"]})
         for key in DATA:
-            setattr(args, key, state["args"].get(key, {"task": "recognizer", "arch": localizer.DEFAULT_ARCH}.get(key)))
+            setattr(args, key, state["args"].get(key, {"task": "recognizer", "arch": localizer.DEFAULT_ARCH, "val_fold": 0}.get(key)))
     cache = Path(args.cache).expanduser() if args.cache else DataSpec.cache
     if args.task == "recognizer":
-        spec = DataSpec(tuple(args.data), args.synthetic, args.synthetic_style, args.val, args.val_fraction, cache, args.workers, recipe.seed)
+        spec = DataSpec(tuple(args.data), args.synthetic, args.synthetic_style, args.val, args.val_fraction, args.val_fold, cache, args.workers, recipe.seed)
         task = RecognizerTask(*load_crops(spec, ranks), recipe.batch_size, recipe.seed, ranks)
     else:
-        data = SceneData(tuple(args.data), args.synthetic, args.val, args.val_fraction, cache, args.workers, recipe.seed)
+        data = SceneData(tuple(args.data), args.synthetic, args.val, args.val_fraction, args.val_fold, cache, args.workers, recipe.seed)
         task = LocalizerTask(*load_data(data, ranks), args.arch, recipe.batch_size, recipe.seed, ranks)
         if ranks.main:  # the held-out photos, so that the evaluation can score exactly them
             for path in task.val.write_labels(folder.path):

@@ -26,7 +26,7 @@ from svhn.images import ImageError, open_image, random_input, to_tensor
 from svhn.labels import LabelError, labelled_set
 from svhn.synthetic import SCENE_MAX_SIDE, describe_fonts, make_scene_set, scene_set_name
 from svhn.text import printable
-from svhn.training import TrainingError
+from svhn.training import TrainingError, held_out
 
 IOU_GOOD = 0.5  # the bar for a found box
 REAL_SHARE = 0.7  # of each batch, when there are real photos and scenes: the scenes teach shapes, the photos the look of streets
@@ -40,6 +40,7 @@ class SceneData:
     synthetic: int = 0
     val: str | None = None
     val_fraction: float = 0.25
+    val_fold: int = 0
     cache: Path = Path.home() / ".cache" / "svhn-ascend"
     workers: int = 2
     seed: int = 0
@@ -146,9 +147,8 @@ def load_data(spec: SceneData, ranks: Ranks) -> tuple[Photos, Photos, Photos]:
         val = load_photos(Path(spec.val), spec.workers, report)
     else:
         pool = real if len(real) else scenes
-        order = np.random.default_rng(spec.seed).permutation(len(pool))
-        n_val = max(1, int(round(len(pool) * spec.val_fraction)))
-        val, rest = pool.subset(np.sort(order[:n_val])), pool.subset(np.sort(order[n_val:]))
+        val_index, train_index = held_out(len(pool), spec.val_fraction, spec.seed, spec.val_fold)
+        val, rest = pool.subset(val_index), pool.subset(train_index)
         real, scenes = (rest, scenes) if len(real) else (real, rest)
     if len(real) + len(scenes) == 0 or len(val) == 0:
         raise TrainingError(f"no usable training or validation photos with boxes ({len(real) + len(scenes)} and {len(val)})")

@@ -21,7 +21,7 @@ from svhn.images import CROP, RESIZE, random_input
 from svhn.scoring import digits_correct
 from svhn.synthetic import STYLES, describe_fonts, make_set, set_name
 from svhn.text import printable
-from svhn.training import TrainingError, plain_state_dict
+from svhn.training import TrainingError, held_out, plain_state_dict
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class DataSpec:
     synthetic_style: str = "plain"
     val: str | None = None
     val_fraction: float = 0.1
+    val_fold: int = 0
     cache: Path = Path.home() / ".cache" / "svhn-ascend"
     workers: int = 2
     seed: int = 0
@@ -68,9 +69,8 @@ def load_crops(spec: DataSpec, ranks: Ranks) -> tuple[CropSet, CropSet]:
         train = concat(sets)
     else:
         data = concat(sets)
-        order = np.random.default_rng(spec.seed).permutation(len(data))
-        n_val = max(1, int(round(len(data) * spec.val_fraction)))
-        val, train = subset(data, np.sort(order[:n_val])), subset(data, np.sort(order[n_val:]))
+        val_index, train_index = held_out(len(data), spec.val_fraction, spec.seed, spec.val_fold)
+        val, train = subset(data, val_index), subset(data, train_index)
     if len(train) == 0 or len(val) == 0:
         raise TrainingError(f"no usable training or validation images ({len(train)} and {len(val)})")
     return train, val

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -125,6 +126,18 @@ class Task(Protocol):
 
 class TrainingError(exits.UserError):
     """A run that cannot start or go on; the message names the file or folder."""
+
+
+def held_out(n: int, fraction: float, seed: int, fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The validation and training indices (each sorted) of n items: a seeded permutation cut into
+    folds of round(n * fraction) items; fold K is validation. The folds are disjoint, so runs over
+    K = 0, 1, ... hold out every item once (cross-validation); fold 0 is the split of --val-fraction."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * fraction)))
+    folds = math.ceil(n / n_val)
+    if fold >= folds:
+        raise TrainingError(f"--val-fold {fold}: {n} images in folds of {n_val} (--val-fraction {fraction:g}) make {folds} folds, 0 to {folds - 1}")
+    return np.sort(order[fold * n_val:(fold + 1) * n_val]), np.sort(np.concatenate([order[:fold * n_val], order[(fold + 1) * n_val:]]))
 
 
 # --------------------------------------------------------------------------------------------

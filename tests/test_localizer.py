@@ -393,6 +393,37 @@ def test_the_ema_is_what_is_checkpointed_and_resumes_exactly(full_images, tmp_pa
     assert any(not torch.equal(saved[k], a["model"][k]) for k in saved if saved[k].is_floating_point())
 
 
+@pytest.mark.slow
+def test_val_folds_hold_out_every_photo_once_and_resume_keeps_theirs(full_images, tmp_path):
+    """--val-fold K: the K-th of the seeded --val-fraction folds is held out (cross-validation);
+    fold 0 is the plain --val-fraction split, a resumed run keeps its fold, and a fold past the
+    last one or beside --val DIR is one line."""
+    common = ["--task", "localizer", "--data", str(full_images), "--init", "scratch", "--batch-size", "2", "--steps", "1",
+              "--val-every", "1", "--val-fraction", "0.5", "--cache", str(tmp_path / "cache"), "--device", "cpu"]
+
+    def held_out(out):
+        return [e["file"] for e in json.loads((out / f"validation-{full_images.name}.json").read_text())]
+
+    folds = []
+    for k in ("0", "1"):
+        result = run_cli("train.py", *common, "--val-fold", k, "--out", str(tmp_path / k))
+        assert result.returncode == 0, result.stderr
+        folds.append(held_out(tmp_path / k))
+    plain = run_cli("train.py", *common, "--out", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr
+    every = [r.file for r in labelled_set(full_images).records]
+    assert held_out(tmp_path / "plain") == folds[0]
+    assert not set(folds[0]) & set(folds[1]) and sorted(folds[0] + folds[1]) == sorted(every)
+    resumed = run_cli("train.py", "--resume", "--out", str(tmp_path / "1"), "--steps", "2", "--cache", str(tmp_path / "cache"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert held_out(tmp_path / "1") == folds[1]
+    for args, words in ((["--val-fold", "2", "--out", str(tmp_path / "2")], "--val-fold 2"),
+                        (["--val-fold", "1", "--val", str(full_images), "--out", str(tmp_path / "3")], "--val-fold")):
+        bad = run_cli("train.py", *common, *args)
+        assert bad.returncode == 2 and words in bad.stderr
+        assert_no_traceback(bad)
+
+
 def test_train_localizer_benchmark():
     result = run_cli("train.py", "--task", "localizer", "--benchmark", "--device", "cpu", "--batch-size", "4")
     assert result.returncode == 0, result.stderr
