@@ -135,7 +135,7 @@ def held_out(n: int, fraction: float, seed: int, fold: int = 0) -> tuple[np.ndar
     order = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(n * fraction)))
     folds = math.ceil(n / n_val)
-    if fold >= folds:
+    if n and fold >= folds:  # no items at all is the caller's error (nothing usable), not the fold's
         raise TrainingError(f"--val-fold {fold}: {n} images in folds of {n_val} (--val-fraction {fraction:g}) make {folds} folds, 0 to {folds - 1}")
     return np.sort(order[fold * n_val:(fold + 1) * n_val]), np.sort(np.concatenate([order[:fold * n_val], order[(fold + 1) * n_val:]]))
 
